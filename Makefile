@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh Linux machine with Python 3.11:
+#   make demo   # venv + pinned install + tiny assets + a LoRA finetune on the CPU (about a minute)
+#   make test   # the same environment + test tools, then the test suite
+# Other targets: make assets, make lint, make clean.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+TINY   := assets/tiny
+
+# The demo and the tests never touch the network (model, tokenizer and data are generated locally).
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+
+.PHONY: demo test install test-install assets lint clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+test-install: $(VENV)/.test-installed
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	@touch $@
+
+assets: $(TINY)/model.safetensors
+$(TINY)/model.safetensors: lora_tools/tiny_assets.py $(VENV)/.installed
+	$(BIN)/python -m lora_tools.tiny_assets --out $(TINY)
+
+demo: install assets
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny.yaml
+
+test: test-install assets
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q tests
+
+lint: test-install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf outputs $(TINY)

@@ -1,0 +1,67 @@
+"""Datasets and batches for the recipes.
+
+The one thing done differently from torchtune 0.6.1: labels are shifted to next-token targets per sample,
+before packing. torchtune's recipe shifts the whole packed row instead, so at every boundary between two
+packed samples the last token of one is trained to predict the first token of the next. Shifting first
+makes a packed batch train on exactly the same (token, label) pairs as the unpacked samples, and lets the
+loss use the labels as they come, packed or not.
+"""
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import ConcatDataset, Dataset
+from torchtune import config
+from torchtune.data import padded_collate_packed
+from torchtune.datasets import PackedDataset
+
+from lora_tools.errors import UserError
+
+
+class NextTokenLabels(Dataset):
+    """Wrap a tokenized dataset so ``labels[i]`` is the target for ``tokens[i]`` (the next token)."""
+
+    def __init__(self, ds: Dataset, ignore_index: int):
+        self._ds = ds
+        self._ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self._ds[index])
+        labels = list(sample["labels"])
+        sample["labels"] = labels[1:] + [self._ignore_index]
+        return sample
+
+
+def build_dataset(cfg_dataset: DictConfig | ListConfig, tokenizer, ignore_index: int) -> tuple[Dataset, bool]:
+    """Instantiate one dataset or a list of them, shift labels per sample, then pack if asked.
+
+    Returns the dataset and whether it is packed. ``packed`` is read from the config but never passed to the
+    builder: packing happens here, after the shift.
+    """
+    cfgs = list(cfg_dataset) if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
+    parts, packed_flags = [], []
+    for cfg in cfgs:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        packed_flags.append(bool(cfg.pop("packed", False)))
+        parts.append(NextTokenLabels(config.instantiate(cfg, tokenizer), ignore_index))
+    if len(set(packed_flags)) > 1:
+        raise UserError("dataset: either every dataset in the list sets packed: True or none does")
+    ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    packed = packed_flags[0]
+    if packed:
+        if tokenizer.max_seq_len is None:
+            raise UserError("dataset.packed is True but tokenizer.max_seq_len is null; set tokenizer.max_seq_len=2048")
+        ds = PackedDataset(ds, max_seq_len=tokenizer.max_seq_len, padding_idx=tokenizer.pad_id)
+    return ds, packed
+
+
+def collate_for(packed: bool, collate_fn: str, pad_id: int, ignore_index: int) -> Callable:
+    """Packed rows are already padded; unpacked samples are padded to the longest in the batch."""
+    if packed:
+        return padded_collate_packed
+    return partial(config._utils._get_component_from_path(collate_fn), padding_idx=pad_id, ignore_idx=ignore_index)

@@ -1,0 +1,293 @@
+"""Build the tiny, offline stand-in for Llama-3.2-3B-Instruct and alpaca_cleaned.
+
+Everything is generated from a fixed seed by this file, so the demo and the tests need no download,
+no account and no GPU, yet exercise the same loading code as the real model:
+
+- ``model.safetensors`` + ``config.json``: a Llama-3.2-shaped model (grouped-query attention, llama3 RoPE
+  scaling, tied embeddings) in Hugging Face format, read by torchtune's ``FullModelHFCheckpointer``.
+- ``original/tokenizer.model``: a tiktoken BPE file read by torchtune's real ``Llama3Tokenizer``, with
+  ``tokenizer.json`` naming its 256 special tokens (same names and order as Llama 3's, smaller ids).
+- ``data/train.json`` and ``data/heldout.json``: alpaca-format instruction data (instruction, input, output)
+  written here from word lists, nothing taken from a public dataset.
+
+Why the model is shaped as it is: LoRA cannot move embeddings or norms, so with a random 128k-token base
+it barely moves the loss. A small vocabulary (about two thousand tokens) built from the demo's own words,
+and weights drawn with std 0.02 (a first loss near ln(vocab size), not torchtune's inflated default init),
+let a few hundred LoRA steps visibly learn the task.
+
+Run: ``python -m lora_tools.tiny_assets --out assets/tiny``.
+"""
+
+import argparse
+import base64
+import json
+import random
+import sys
+from pathlib import Path
+
+import regex
+import torch
+from safetensors.torch import save_file
+
+# Same pre-tokenisation pattern as Llama 3 (torchtune's CL100K_PATTERN), so our vocabulary matches the
+# pieces the real tokenizer will cut text into.
+from torchtune.models.llama3._tokenizer import CL100K_PATTERN, LLAMA3_SPECIAL_TOKENS
+
+SEED = 1234
+MODEL = dict(  # torchtune llama3_2 component-builder arguments; configs/tiny.yaml repeats them
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    embed_dim=256,
+    intermediate_dim=768,
+    max_seq_len=2048,
+    norm_eps=1e-5,
+    rope_base=500_000,
+    scale_factor=32,
+)
+INIT_STD = 0.02
+N_TRAIN, N_HELDOUT = 2000, 100
+
+# --- the demo task -------------------------------------------------------------------------------------
+
+THINGS = [
+    "apple",
+    "banana",
+    "cherry",
+    "lemon",
+    "grape",
+    "plum",
+    "carrot",
+    "tomato",
+    "pepper",
+    "onion",
+    "ocean",
+    "forest",
+    "desert",
+    "meadow",
+    "glacier",
+    "volcano",
+    "river",
+    "cloud",
+    "sunset",
+    "harbor",
+    "violin",
+    "trumpet",
+    "lantern",
+    "kettle",
+    "pillow",
+    "blanket",
+    "ladder",
+    "bucket",
+    "candle",
+    "mirror",
+]
+COLORS = ["red", "yellow", "green", "blue", "purple", "orange", "white", "black", "brown", "silver"]
+OPPOSITES = {
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "early": "late",
+    "happy": "sad",
+    "light": "dark",
+    "open": "closed",
+    "full": "empty",
+    "high": "low",
+    "strong": "weak",
+    "young": "old",
+    "loud": "quiet",
+    "near": "far",
+    "rich": "poor",
+    "soft": "hard",
+    "wet": "dry",
+    "clean": "dirty",
+    "long": "short",
+}
+ANIMALS = ["cat", "dog", "horse", "rabbit", "tiger", "whale", "eagle", "otter", "panda", "zebra", "camel", "koala"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def _color_of(thing: str) -> str:
+    return COLORS[sum(map(ord, thing)) % len(COLORS)]
+
+
+def _example(rng: random.Random) -> dict:
+    kind = rng.randrange(5)
+    if kind == 0:
+        thing = rng.choice(THINGS)
+        q = rng.choice(["What color is the {}?", "Tell me the color of the {}.", "Which color does the {} have?"])
+        return {"instruction": q.format(thing), "input": "", "output": f"The {thing} is {_color_of(thing)}."}
+    if kind == 1:
+        word = rng.choice(sorted(OPPOSITES))
+        return {
+            "instruction": "Give the opposite of the word.",
+            "input": word,
+            "output": f"The opposite of {word} is {OPPOSITES[word]}.",
+        }
+    if kind == 2:
+        items = rng.sample(ANIMALS, rng.randint(3, 5))
+        return {
+            "instruction": "Write the list in reverse order.",
+            "input": ", ".join(items),
+            "output": ", ".join(reversed(items)) + ".",
+        }
+    if kind == 3:
+        a, b = rng.randint(0, 5), rng.randint(0, 5)
+        return {
+            "instruction": "Add the two numbers and answer in words.",
+            "input": f"{a} and {b}",
+            "output": f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
+        }
+    items = rng.sample(ANIMALS, rng.randint(2, 6))
+    return {
+        "instruction": "How many animals are in the list?",
+        "input": ", ".join(items),
+        "output": f"There are {NUMBER_WORDS[len(items)]} animals.",
+    }
+
+
+def build_dataset(seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """Train and held-out splits; held-out prompts never appear verbatim in train."""
+    rng = random.Random(seed)
+    train = [_example(rng) for _ in range(N_TRAIN)]
+    seen = {(e["instruction"], e["input"]) for e in train}
+    heldout = []
+    while len(heldout) < N_HELDOUT:
+        e = _example(rng)
+        if (e["instruction"], e["input"]) not in seen:
+            heldout.append(e)
+            seen.add((e["instruction"], e["input"]))
+    return train, heldout
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------
+
+# Text the real pipeline wraps around each sample (torchtune's alpaca prompt and Llama 3 chat headers), so
+# that common words become single tokens rather than bytes.
+_TEMPLATE_TEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n\n\n### Input:\n\n\n"
+    "### Response:\n system user assistant ipython The quick brown fox jumps over the lazy dog."
+)
+
+
+def build_bpe_ranks(texts: list[str]) -> dict[bytes, int]:
+    """A byte-level BPE vocabulary: all 256 bytes, then every prefix of every pre-tokenised piece.
+
+    tiktoken merges adjacent parts whose concatenation has a rank, so keeping each piece's prefixes makes
+    every piece reachable by merges; sorting by (length, bytes) makes the file deterministic.
+    """
+    pieces = set()
+    for text in texts:
+        pieces.update(p.encode() for p in regex.findall(CL100K_PATTERN, text))
+    merged = {p[:n] for p in pieces for n in range(2, len(p) + 1)}
+    ranks = {bytes([b]): b for b in range(256)}
+    for token in sorted(merged, key=lambda t: (len(t), t)):
+        ranks[token] = len(ranks)
+    return ranks
+
+
+def special_tokens(base_vocab: int) -> dict[str, int]:
+    """Llama 3's 256 special tokens, renumbered to follow our base vocabulary (Llama 3 starts at 128000)."""
+    out = {}
+    for name, llama_id in LLAMA3_SPECIAL_TOKENS.items():
+        offset = 11 if name == "<|image|>" else llama_id - 128000  # <|image|> sits outside the 256 in Llama
+        out[name] = base_vocab + offset
+    assert sorted(out.values()) == list(range(base_vocab, base_vocab + 256))
+    return out
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+
+def build_model_state(vocab_size: int, seed: int = SEED) -> dict[str, torch.Tensor]:
+    """Random Llama-3.2-shaped weights in torchtune's key format, initialised like Hugging Face."""
+    from torchtune.models.llama3_2 import llama3_2
+
+    torch.manual_seed(seed)
+    model = llama3_2(vocab_size=vocab_size, tie_word_embeddings=True, **MODEL)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # RMSNorm scales
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, INIT_STD)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def hf_config(vocab_size: int, specials: dict[str, int]) -> dict:
+    head_dim = MODEL["embed_dim"] // MODEL["num_heads"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": MODEL["embed_dim"],
+        "intermediate_size": MODEL["intermediate_dim"],
+        "num_hidden_layers": MODEL["num_layers"],
+        "num_attention_heads": MODEL["num_heads"],
+        "num_key_value_heads": MODEL["num_kv_heads"],
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": MODEL["max_seq_len"],
+        "rms_norm_eps": MODEL["norm_eps"],
+        "rope_theta": float(MODEL["rope_base"]),
+        "rope_scaling": {
+            "factor": float(MODEL["scale_factor"]),
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "bos_token_id": specials["<|begin_of_text|>"],
+        "eos_token_id": [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")],
+        "pad_token_id": specials["<|finetune_right_pad_id|>"],
+    }
+
+
+def build(out: Path) -> dict:
+    """Write every asset under ``out``; returns a small summary. Deterministic: same bytes every run."""
+    from torchtune.models.convert_weights import tune_to_hf
+
+    train, heldout = build_dataset()
+    texts = [_TEMPLATE_TEXT] + [v for e in train + heldout for v in e.values()]
+    ranks = build_bpe_ranks(texts)
+    specials = special_tokens(len(ranks))
+    vocab_size = len(ranks) + len(specials)
+
+    (out / "original").mkdir(parents=True, exist_ok=True)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    with open(out / "original" / "tokenizer.model", "w") as f:
+        for token, rank in ranks.items():
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    added = [{"id": i, "content": t, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
+    (out / "tokenizer.json").write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
+
+    state = build_model_state(vocab_size)
+    head_dim = MODEL["embed_dim"] // MODEL["num_heads"]
+    hf_state = tune_to_hf(state, MODEL["num_heads"], MODEL["num_kv_heads"], MODEL["embed_dim"], head_dim)
+    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(vocab_size, specials), indent=2) + "\n")
+
+    (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
+    (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")
+    return {"vocab_size": vocab_size, "train": len(train), "heldout": len(heldout), "out": str(out)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/tiny"), help="folder to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    summary = build(args.out)
+    print(
+        f"tiny assets: vocab {summary['vocab_size']}, {summary['train']} train + {summary['heldout']} held-out "
+        f"samples -> {summary['out']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

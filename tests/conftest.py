@@ -1,0 +1,72 @@
+"""Shared test helpers: the repo root, the tiny assets, and running the real `tune` command."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "assets" / "tiny"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+TUNE = str(Path(sys.executable).parent / "tune")
+TORCHAO_NOTICE = "Skipping import of cpp extensions due to incompatible torch version"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_assets():
+    """Build the tiny assets once if `make assets` has not."""
+    if not (TINY / "model.safetensors").exists():
+        subprocess.run([sys.executable, "-m", "lora_tools.tiny_assets", "--out", str(TINY)], cwd=REPO, check=True)
+    return TINY
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch):
+    # Configs use paths relative to the repository root, as users run them.
+    monkeypatch.chdir(REPO)
+
+
+def offline_env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    env.update(extra)
+    return env
+
+
+def tune(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real `tune` CLI from the repository root and capture its output."""
+    return subprocess.run(
+        [TUNE, *args], cwd=REPO, env=env or offline_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def tiny_cfg(**overrides):
+    """configs/tiny.yaml with key=value overrides, as `tune run` would merge them."""
+    cfg = OmegaConf.load(TINY_CONFIG)
+    dotlist = [f"{k}={v}" for k, v in overrides.items()]
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+
+
+def logged_metrics(output_dir: Path) -> dict[int, dict[str, float]]:
+    """Per-step metrics from torchtune's DiskLogger file under output_dir/logs."""
+    (log_file,) = (Path(output_dir) / "logs").glob("log_*.txt")
+    steps: dict[int, dict[str, float]] = {}
+    for line in log_file.read_text().splitlines():
+        m = re.match(r"Step (\d+) \| (.*)", line)
+        if m:
+            pairs = dict(kv.split(":", 1) for kv in m.group(2).split())
+            steps.setdefault(int(m.group(1)), {}).update({k: float(v) for k, v in pairs.items()})
+    return steps
+
+
+def tiny_vocab_size() -> int:
+    return json.loads((TINY / "config.json").read_text())["vocab_size"]
+
+
+def ln_vocab() -> float:
+    return math.log(tiny_vocab_size())

@@ -1,0 +1,76 @@
+"""The recipe end to end through the real `tune run`: the tiny demo and the shipped 3B config on CPU."""
+
+import math
+
+from conftest import TINY, ln_vocab, logged_metrics, tiny_vocab_size, tune
+
+
+def _summary_value(stdout: str, prefix: str) -> str:
+    (line,) = [line for line in stdout.splitlines() if line.startswith(prefix)]
+    return line
+
+
+def test_tiny_demo_teaches_the_task(tmp_path):
+    """What `make demo` runs: sane first loss, held-out loss down by at least 30%, adapter + merged model."""
+    out = tmp_path / "out"
+    result = tune("run", "lora_finetune_single_device.py", "--config", "configs/tiny.yaml", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    steps = logged_metrics(out)
+    losses = [steps[s]["loss"] for s in sorted(steps) if "loss" in steps[s]]
+    assert len(losses) == 120
+    assert abs(losses[0] - ln_vocab()) / ln_vocab() <= 0.20, (losses[0], ln_vocab())
+    assert sum(losses[-10:]) / 10 < 0.6 * losses[0]
+    for key in ("lr", "tokens_per_second", "grad_norm", "peak_memory_rss"):
+        assert all(key in steps[s] for s in range(1, 121)), key
+    assert all(steps[s]["tokens_per_second"] > 0 for s in range(1, 121))
+
+    val = [steps[s]["val_loss"] for s in sorted(steps) if "val_loss" in steps[s]]
+    assert len(val) == 2 and val[1] <= 0.7 * val[0], val
+    assert "held-out loss:" in _summary_value(result.stdout, "held-out loss:")
+    assert f"ln(vocab size {tiny_vocab_size()})" in result.stdout
+
+    epoch = out / "epoch_0"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "model-00001-of-00001.safetensors", "config.json"):
+        assert (epoch / name).is_file(), name
+    assert str(epoch) in result.stdout
+
+
+def test_shipped_3b_config_runs_two_steps_on_cpu(tmp_path):
+    """Only model size, checkpoint, tokenizer, dataset source and device-level settings are overridden."""
+    out = tmp_path / "out"
+    overrides = [
+        # model size
+        "model._component_=torchtune.models.llama3_2.lora_llama3_2",
+        "model.vocab_size=" + str(tiny_vocab_size()),
+        "model.num_layers=4",
+        "model.num_heads=8",
+        "model.num_kv_heads=2",
+        "model.embed_dim=256",
+        "model.intermediate_dim=768",
+        "model.max_seq_len=2048",
+        # checkpoint and tokenizer
+        f"checkpointer.checkpoint_dir={TINY}",
+        "checkpointer.checkpoint_files=[model.safetensors]",
+        f"tokenizer.path={TINY}/original/tokenizer.model",
+        f"tokenizer.special_tokens_path={TINY}/tokenizer.json",
+        # dataset source (the builder stays alpaca_cleaned_dataset)
+        "dataset.source=json",
+        f"dataset.data_files={TINY}/data/train.json",
+        # device, dtype, compile, offloading, logger
+        "device=cpu",
+        "dtype=fp32",
+        "compile=False",
+        "enable_activation_offloading=False",
+        "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
+        # run length and where to write
+        "max_steps_per_epoch=2",
+        f"output_dir={out}",
+    ]
+    result = tune("run", "lora_finetune_single_device.py", "--config", "lora_finetune_single_device.yaml", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = logged_metrics(out)
+    assert sorted(steps) == [1, 2]
+    assert all(math.isfinite(steps[s]["loss"]) for s in (1, 2))
+    assert steps[1]["lr"] < steps[2]["lr"]  # the shipped warm-up schedule is in force
+    assert (out / "epoch_0" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,103 @@
+"""Exactness of the training step, checked on the recipe class itself with the tiny model (CPU, fp32)."""
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import tiny_cfg
+from torchtune import config, utils
+
+from lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
+
+IGNORE = -100
+
+
+def make_recipe(tmp_path, **overrides):
+    cfg = tiny_cfg(output_dir=str(tmp_path / "out"), **overrides)
+    recipe = LoRAFinetuneRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    return recipe
+
+
+def pairs(dataloader) -> Counter:
+    """Multiset of (input token, target) pairs that carry loss."""
+    out = Counter()
+    for batch in dataloader:
+        keep = batch["labels"] != IGNORE
+        out.update(zip(batch["tokens"][keep].tolist(), batch["labels"][keep].tolist(), strict=True))
+    return out
+
+
+def unpacked_cfg_dataset(overrides):
+    cfg = tiny_cfg(**overrides).dataset
+    cfg.pop("packed")
+    return cfg
+
+
+def mean_loss(recipe, dataloader) -> float:
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in dataloader:
+            utils.batch_to_device(batch, recipe._device)
+            loss_sum, n_tokens = recipe._loss_step(batch)
+            total, n = total + loss_sum.double().item(), n + int(n_tokens)
+    return total / n
+
+
+def test_packed_batches_train_on_the_same_pairs_and_loss(tmp_path):
+    common = {"dataset.split": "train[:48]", "shuffle": False, "batch_size": 4, "tokenizer.max_seq_len": 256}
+    unpacked = make_recipe(tmp_path, **common, **{"dataset.packed": False})
+    packed = make_recipe(tmp_path, **common, **{"dataset.packed": True})
+    assert len(packed._dataloader) < len(unpacked._dataloader)  # several samples share a row
+
+    # Expected: every token whose next token carries a label, paired with that next token, within one sample.
+    raw = config.instantiate(unpacked_cfg_dataset(common), unpacked._tokenizer)
+    expected = Counter()
+    for sample in raw:
+        tokens, labels = sample["tokens"], sample["labels"]
+        expected.update((tokens[i], tokens[i + 1]) for i in range(len(tokens) - 1) if labels[i + 1] != IGNORE)
+    assert pairs(unpacked._dataloader) == expected
+    assert pairs(packed._dataloader) == expected
+    # Same weights (same seed, no training yet), so the per-token mean loss over the same samples must agree.
+    loss_unpacked, loss_packed = mean_loss(unpacked, unpacked._dataloader), mean_loss(unpacked, packed._dataloader)
+    assert loss_packed == pytest.approx(loss_unpacked, abs=1e-5)
+
+
+def _one_sgd_step(tmp_path, batch_size, accumulation):
+    recipe = make_recipe(
+        tmp_path / f"b{batch_size}x{accumulation}",
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        shuffle=False,
+        max_steps_per_epoch=1,
+        # Plain SGD: the update is proportional to the gradient (Adam's first step would hide its scale).
+        optimizer="{_component_: torch.optim.SGD, lr: 10.0}",
+        lr_scheduler="null",
+    )
+    before = {k: v.detach().clone() for k, v in recipe.adapter_params.items()}
+    recipe.train()
+    return {k: v.detach() - before[k] for k, v in recipe.adapter_params.items()}
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    small = _one_sgd_step(tmp_path, batch_size=2, accumulation=2)
+    large = _one_sgd_step(tmp_path, batch_size=4, accumulation=1)
+    assert max(u.abs().max().item() for u in large.values()) > 1e-3  # the step did move the adapters
+    for name in large:
+        torch.testing.assert_close(small[name], large[name], atol=1e-5, rtol=0)
+
+
+def test_base_weights_bit_identical_and_only_lora_trains(tmp_path):
+    recipe = make_recipe(tmp_path, max_steps_per_epoch=5)
+    trainable = {n for n, p in recipe._model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_a." in n or ".lora_b." in n for n in trainable), sorted(trainable)[:5]
+    base_before = {k: v.clone() for k, v in recipe._model.state_dict().items() if "lora_" not in k}
+    adapters_before = {k: v.detach().clone() for k, v in recipe.adapter_params.items()}
+
+    recipe.train()
+
+    base_after = {k: v for k, v in recipe._model.state_dict().items() if "lora_" not in k}
+    assert base_before.keys() == base_after.keys()
+    for k in base_before:
+        assert torch.equal(base_before[k], base_after[k]), k
+    assert any(not torch.equal(adapters_before[k], v) for k, v in recipe.adapter_params.items())

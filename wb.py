@@ -1,0 +1,55 @@
+"""Log in to Weights & Biases with the key from .env, and say in one line what happened.
+
+    python wb.py            # reads WANDB_API_KEY from the environment or ./.env
+
+Exit status: 0 logged in (or W&B is set to offline/disabled), 2 no key, 1 key rejected or W&B unreachable.
+The key is never printed. To train without network, set WANDB_MODE=offline and later run
+`wandb sync wandb/offline-run-*` to upload the runs.
+"""
+
+import argparse
+import os
+import sys
+
+from lora_tools.env import load_env
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    env_file = load_env()
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "disabled"):
+        print(f"W&B is {mode} (WANDB_MODE={mode}): no login needed; runs are written under ./wandb.")
+        return 0
+    key = os.environ.get("WANDB_API_KEY", "").strip()
+    if not key:
+        where = f"{env_file}" if env_file else ".env (copy .env.example to .env)"
+        print(f"error: WANDB_API_KEY is not set; put it in {where}, from https://wandb.ai/authorize", file=sys.stderr)
+        return 2
+
+    import wandb
+
+    try:
+        ok = wandb.login(key=key, verify=True, relogin=True)
+    except Exception as e:  # wandb raises several types for bad keys and network failures
+        text = str(e).lower()
+        if any(word in text for word in ("invalid", "401", "403", "unauthorized", "permission")):
+            print(
+                "error: W&B rejected WANDB_API_KEY; copy a fresh key from https://wandb.ai/authorize", file=sys.stderr
+            )
+        else:
+            print(
+                "error: could not reach W&B to check the key; to train without network set WANDB_MODE=offline "
+                "and upload later with `wandb sync wandb/offline-run-*`",
+                file=sys.stderr,
+            )
+        return 1
+    if not ok:
+        print("error: W&B login failed; copy a fresh key from https://wandb.ai/authorize", file=sys.stderr)
+        return 1
+    print("W&B: logged in; runs will be logged to your account.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
