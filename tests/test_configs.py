@@ -60,3 +60,20 @@ def test_malformed_override_is_one_line(tmp_path):
     result = tune("run", "lora_finetune_single_device.py", "--config", str(TINY_CONFIG), "batch_size")
     _assert_one_line_error(result, "key=value")
     assert not Path(REPO / "outputs" / "never").exists()
+
+
+def test_tune_cli_works_after_install():
+    for args in (["--help"], ["ls"]):
+        result = tune(*args)
+        assert result.returncode == 0, result.stderr
+    assert "lora_finetune_single_device" in tune("ls").stdout
+
+
+def test_tiny_assets_rebuild_byte_for_byte(tmp_path):
+    from lora_tools.tiny_assets import build
+
+    build(tmp_path)
+    rebuilt = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert rebuilt == sorted(p.relative_to(TINY) for p in TINY.rglob("*") if p.is_file())
+    for rel in rebuilt:
+        assert (tmp_path / rel).read_bytes() == (TINY / rel).read_bytes(), rel
