@@ -9,9 +9,33 @@ The key is never printed. To train without network, set WANDB_MODE=offline and l
 
 import argparse
 import os
+import socket
 import sys
+from urllib.parse import urlsplit
 
 from lora_tools.env import load_env
+
+
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Can we open a TCP connection to the W&B server? Skipped (assumed yes) behind an HTTP proxy."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def no_network(url: str) -> int:
+    print(
+        f"error: could not reach W&B at {url} to check the key; to train without network set WANDB_MODE=offline "
+        "and upload later with `wandb sync wandb/offline-run-*`",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def main(argv=None) -> int:
@@ -29,21 +53,19 @@ def main(argv=None) -> int:
 
     import wandb
 
+    base_url = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    if not reachable(base_url):
+        return no_network(base_url)
     try:
         ok = wandb.login(key=key, verify=True, relogin=True)
-    except Exception as e:  # wandb raises several types for bad keys and network failures
-        text = str(e).lower()
-        if any(word in text for word in ("invalid", "401", "403", "unauthorized", "permission")):
-            print(
-                "error: W&B rejected WANDB_API_KEY; copy a fresh key from https://wandb.ai/authorize", file=sys.stderr
-            )
-        else:
-            print(
-                "error: could not reach W&B to check the key; to train without network set WANDB_MODE=offline "
-                "and upload later with `wandb sync wandb/offline-run-*`",
-                file=sys.stderr,
-            )
+    except wandb.errors.AuthenticationError as e:
+        # wandb reports a server that never answers as an authentication failure too.
+        if any(s in str(e).lower() for s in ("did not respond", "execute api request", "connect", "timed out")):
+            return no_network(base_url)
+        print("error: W&B rejected WANDB_API_KEY; copy a fresh key from https://wandb.ai/authorize", file=sys.stderr)
         return 1
+    except Exception:  # network failures surface as several exception types
+        return no_network(base_url)
     if not ok:
         print("error: W&B login failed; copy a fresh key from https://wandb.ai/authorize", file=sys.stderr)
         return 1

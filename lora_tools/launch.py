@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torchtune.config._parse import TuneRecipeArgumentParser
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
+from lora_tools import preflight
 from lora_tools.env import load_env
 from lora_tools.errors import UserError
 
@@ -74,13 +75,14 @@ def check_required_keys(cfg: DictConfig, config_file: str) -> None:
 
 
 def recipe_main(main: Callable[[DictConfig], None]) -> Callable[[], int]:
-    """Decorate a recipe's ``main(cfg)``: loads .env, parses the config, and reports UserError as one line."""
+    """Decorate a recipe's ``main(cfg)``: loads .env, parses and checks the config, reports UserError as one line."""
 
     @functools.wraps(main)
     def wrapper() -> int:
         load_env()
         try:
             cfg = load_config(sys.argv[1:], description=main.__doc__ or "")
+            preflight.run_all(cfg)  # before any weights are read or anything is written
             main(cfg)
         except UserError as e:
             return fail(str(e))

@@ -1,0 +1,184 @@
+"""Checks that run before a recipe builds the model or reads any weights.
+
+A run that dies after loading gigabytes of weights because a file, a key or a device is missing costs minutes
+each try. Each check here raises UserError with one line: what is wrong, where, and the fix. None of them
+writes anything (output_dir included).
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from lora_tools.errors import UserError
+
+# Fields each dataset builder reads from a row (before its column_map renames them).
+REQUIRED_FIELDS = {
+    "alpaca_dataset": ("instruction", "input", "output"),
+    "alpaca_cleaned_dataset": ("instruction", "input", "output"),
+}
+LOCAL_SOURCES = {"json", "csv", "parquet", "text", "arrow"}
+
+
+def run_all(cfg: DictConfig) -> None:
+    """Every check, cheapest first; raises UserError at the first failure."""
+    check_device(cfg)
+    check_model_files(cfg)
+    check_datasets(cfg)
+    check_wandb(cfg)
+    check_output_dir(cfg)
+
+
+def download_hint(checkpoint_dir: str) -> str:
+    folder = Path(checkpoint_dir)
+    if "tiny" in folder.name:
+        return f"build it with: python -m lora_tools.tiny_assets --out {checkpoint_dir}"
+    return f"download it with: python -m lora_tools.download meta-llama/{folder.name} --output-dir {checkpoint_dir}"
+
+
+def check_model_files(cfg: DictConfig) -> None:
+    ckpt = cfg.checkpointer
+    ckpt_dir = Path(ckpt.checkpoint_dir)
+    hint = download_hint(str(ckpt.checkpoint_dir))
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpointer.checkpoint_dir {ckpt_dir} does not exist; {hint}")
+    files = ckpt.checkpoint_files
+    names = list(files) if isinstance(files, ListConfig | list) else [files]
+    for name in names:
+        if not (ckpt_dir / str(name)).is_file():
+            raise UserError(f"checkpoint file {ckpt_dir / str(name)} is missing; {hint}")
+    for key in ("path", "special_tokens_path"):
+        path = cfg.tokenizer.get(key, None)
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"tokenizer.{key} {path} is missing; {hint}")
+
+
+def check_device(cfg: DictConfig) -> None:
+    device = str(cfg.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            "device is cuda but no CUDA GPU is visible to PyTorch; pass device=cpu dtype=fp32, "
+            "or try the workflow on a CPU with configs/tiny.yaml (make demo)"
+        )
+    if str(cfg.dtype) == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype bf16 is not supported by {torch.cuda.get_device_name()}; pass dtype=fp32")
+    on_cuda = device.startswith("cuda")
+    if cfg.get("enable_activation_offloading", False) and not on_cuda:
+        raise UserError(
+            f"enable_activation_offloading needs a CUDA device, but device is {device}; "
+            "pass enable_activation_offloading=False"
+        )
+    if cfg.get("compile", False):
+        if on_cuda and importlib.util.find_spec("triton") is None:
+            raise UserError("compile is True but triton is not installed; pip install triton, or pass compile=False")
+        if not on_cuda and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+            raise UserError(
+                f"compile is True on {device} but no C++ compiler (g++) is on PATH; install one or pass compile=False"
+            )
+
+
+def _dataset_cfgs(cfg: DictConfig) -> list[DictConfig]:
+    out = []
+    for key in ("dataset", "val_dataset"):
+        node = cfg.get(key, None)
+        if node is not None:
+            out.extend(node if isinstance(node, ListConfig) else [node])
+    return out
+
+
+def _rows(path: Path) -> list:
+    """Rows of a local JSON file: a JSON list, or one JSON object per line."""
+    text = path.read_text()
+    try:
+        rows = json.loads(text)
+        return rows if isinstance(rows, list) else [rows]
+    except json.JSONDecodeError as whole_file_error:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == 1:  # neither a JSON document nor JSON lines
+                    e = whole_file_error
+                raise UserError(f"dataset file {path} is not valid JSON (line {e.lineno}: {e.msg}); fix the file")
+        return rows
+
+
+def check_datasets(cfg: DictConfig) -> None:
+    for ds in _dataset_cfgs(cfg):
+        if str(ds.get("source", "")) not in LOCAL_SOURCES or ds.get("data_files", None) is None:
+            continue
+        files = ds.data_files
+        paths = [Path(str(p)) for p in (files if isinstance(files, ListConfig | list) else [files])]
+        for path in paths:
+            if not path.is_file():
+                raise UserError(f"dataset file {path} does not exist; check dataset.data_files")
+        builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
+        needed = REQUIRED_FIELDS.get(builder)
+        if ds.source != "json" or needed is None:
+            continue
+        column_map = dict(ds.get("column_map", None) or {})
+        fields = [column_map.get(f, f) for f in needed]
+        for path in paths:
+            for number, row in enumerate(_rows(path), start=1):
+                missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+                if missing:
+                    raise UserError(
+                        f"dataset file {path}, row {number}: missing field '{missing[0]}' that {builder} needs "
+                        f"(each row needs {', '.join(fields)}); fix the row or set dataset.column_map"
+                    )
+
+
+def check_wandb(cfg: DictConfig) -> None:
+    if not str(cfg.metric_logger.get("_component_", "")).endswith("WandBLogger"):
+        return
+    if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text():
+        return  # logged in earlier with `wandb login`
+    raise UserError(
+        "metric_logger is W&B but no WANDB_API_KEY is set; put it in .env and check it with `python wb.py`, "
+        "or set WANDB_MODE=offline to log locally and `wandb sync` later"
+    )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def estimated_output_bytes(cfg: DictConfig) -> int:
+    """What one checkpoint writes: the merged model is as large as the base files (the adapter is small)."""
+    if cfg.get("save_adapter_weights_only", False):
+        return 0
+    ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
+    files = cfg.checkpointer.checkpoint_files
+    names = list(files) if isinstance(files, ListConfig | list) else [files]
+    return sum((ckpt_dir / str(n)).stat().st_size for n in names)
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    out = Path(str(cfg.output_dir))
+    ancestor = _existing_ancestor(out)
+    if not ancestor.is_dir():
+        raise UserError(f"output_dir {out} cannot be created: {ancestor} is a file; choose another output_dir")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {out} is not writable ({ancestor} is read-only); choose another output_dir")
+    needed = estimated_output_bytes(cfg)
+    free = shutil.disk_usage(ancestor).free
+    if free < needed:
+        raise UserError(
+            f"not enough disk for output_dir {out}: a checkpoint needs about {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free; free space, choose another output_dir, or set save_adapter_weights_only=True"
+        )
