@@ -5,13 +5,14 @@
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
+HFVENV := .venv-hf
 BIN    := $(VENV)/bin
 TINY   := assets/tiny
 
 # The demo and the tests never touch the network (model, tokenizer and data are generated locally).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: demo test install test-install assets lint clean
+.PHONY: demo test install test-install hf-install assets lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -24,6 +25,13 @@ $(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	@touch $@
 
+# transformers + peft in their own environment: peft 0.21 refuses to import beside torchtune's torchao 0.14.
+hf-install: $(HFVENV)/.installed
+$(HFVENV)/.installed: requirements-hf.txt
+	@test -x $(HFVENV)/bin/python || $(PYTHON) -m venv $(HFVENV)
+	$(HFVENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-hf.txt
+	@touch $@
+
 assets: $(TINY)/model.safetensors
 $(TINY)/model.safetensors: lora_tools/tiny_assets.py $(VENV)/.installed
 	$(BIN)/python -m lora_tools.tiny_assets --out $(TINY)
@@ -31,7 +39,7 @@ $(TINY)/model.safetensors: lora_tools/tiny_assets.py $(VENV)/.installed
 demo: install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny.yaml
 
-test: test-install assets
+test: test-install hf-install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q tests
 
 lint: test-install

@@ -8,10 +8,17 @@ The class below implements torchtune's FTRecipeInterface; its methods read in th
 __init__ -> setup (load_checkpoint, _setup_model, _setup_optimizer, _setup_data, _setup_lr_scheduler,
 _setup_profiler) -> train (-> save_checkpoint) -> cleanup. Every component comes from the YAML config via
 ``config.instantiate``.
+
+Checkpoints (every ``save_every_n_steps``, at the end, and on SIGINT/SIGTERM) go to output_dir/checkpoints/
+step_N/ with the PEFT adapter and the merged Hugging Face model in separate subfolders and everything needed
+to resume exactly; ``resume_from_checkpoint: True`` continues from the newest one (see lora_tools.checkpointing).
 """
 
+import json
 import math
+import os
 import resource
+import signal
 import sys
 import time
 from typing import Any
@@ -21,6 +28,7 @@ from omegaconf import DictConfig
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
+from torchtune.models import convert_weights
 from torchtune.modules.peft import (
     get_adapter_params,
     get_adapter_state_dict,
@@ -32,6 +40,7 @@ from torchtune.modules.peft import (
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
+from lora_tools import checkpointing
 from lora_tools.data import build_dataset, collate_for
 from lora_tools.errors import UserError
 from lora_tools.launch import recipe_main
@@ -62,6 +71,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self.global_step = 0
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._keep_last_n = cfg.get("keep_last_n", None)
+        self._provenance = checkpointing.provenance(cfg)
         self._gradient_accumulation_steps = cfg.get("gradient_accumulation_steps", 1)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._compile = cfg.get("compile", False)
@@ -69,18 +81,33 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._enable_activation_offloading = cfg.get("enable_activation_offloading", False)
         self.first_step_loss: float | None = None
         self.val_losses: dict[str, float] = {}
+        # Data position inside the current epoch, in optimizer steps (non-zero only when resuming mid-epoch).
+        self._steps_done_in_epoch = 0
+        self._stop_requested = False
+        self.last_checkpoint = None
 
     def load_checkpoint(self, cfg_checkpointer: DictConfig) -> dict[str, Any]:
-        """Read the base weights (Hugging Face safetensors) and, when resuming, adapter and recipe state."""
-        self._checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=self._resume_from_checkpoint)
+        """Read the base weights (Hugging Face safetensors) and, when resuming, the newest checkpoint's state."""
+        self._checkpointer = config.instantiate(cfg_checkpointer)
         checkpoint_dict = self._checkpointer.load_checkpoint()
-        if self._resume_from_checkpoint:
-            if training.ADAPTER_KEY not in checkpoint_dict:
-                raise UserError(
-                    f"resume_from_checkpoint is True but no adapter checkpoint was found in {self._output_dir}"
-                )
-            self.epochs_run = checkpoint_dict[training.EPOCHS_KEY]
-            self.seed = training.set_seed(seed=checkpoint_dict[training.SEED_KEY])
+        if not self._resume_from_checkpoint:
+            return checkpoint_dict
+        folder = checkpointing.latest_checkpoint(self._output_dir)
+        if folder is None:
+            log.warning(f"resume_from_checkpoint is True but {self._output_dir} has no checkpoint yet: starting fresh.")
+            self._resume_from_checkpoint = False
+            return checkpoint_dict
+        state = torch.load(folder / checkpointing.RECIPE_STATE, map_location="cpu", weights_only=False)
+        saved = json.loads((folder / checkpointing.PROVENANCE).read_text())
+        changes = checkpointing.provenance_changes(saved, self._provenance)
+        if changes:
+            log.warning(f"Resuming from {folder} with changes since it was saved: {'; '.join(changes)}")
+        log.info(f"Resuming from {folder} (step {state['global_step']}).")
+        self.global_step = state["global_step"]
+        self.epochs_run = state["epoch"]
+        self._steps_done_in_epoch = state["steps_done_in_epoch"]
+        self.first_step_loss = state.get("first_step_loss")
+        checkpoint_dict["resume_state"] = state
         return checkpoint_dict
 
     def setup(self, cfg: DictConfig) -> None:
@@ -88,15 +115,15 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._metric_logger.log_config(cfg)
 
         checkpoint_dict = self.load_checkpoint(cfg_checkpointer=cfg.checkpointer)
+        resume = checkpoint_dict.get("resume_state")
         self._model = self._setup_model(
             cfg_model=cfg.model,
             base_model_state_dict=checkpoint_dict[training.MODEL_KEY],
-            lora_weights_state_dict=checkpoint_dict.get(training.ADAPTER_KEY) if self._resume_from_checkpoint else None,
+            lora_weights_state_dict=resume["adapter"] if resume else None,
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(
-            cfg_optimizer=cfg.optimizer,
-            opt_state_dict=checkpoint_dict.get(training.OPT_KEY) if self._resume_from_checkpoint else None,
+            cfg_optimizer=cfg.optimizer, opt_state_dict=resume["optimizer"] if resume else None
         )
         self._loss_fn = config.instantiate(cfg.loss)
         if hasattr(self._loss_fn, "num_output_chunks"):
@@ -120,12 +147,15 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                 f"the dataset gives {len(self._dataloader)} batches of {cfg.batch_size}, fewer than one optimizer step "
                 f"({self._gradient_accumulation_steps} batches); lower batch_size or gradient_accumulation_steps"
             )
-        self.global_step = self.epochs_run * self._steps_per_epoch
         self._lr_scheduler = self._setup_lr_scheduler(
-            cfg.get("lr_scheduler", None),
-            num_training_steps=self.total_epochs * self._steps_per_epoch,
-            last_epoch=self.global_step - 1,
+            cfg.get("lr_scheduler", None), num_training_steps=self.total_epochs * self._steps_per_epoch
         )
+        if resume:
+            self._lr_scheduler.load_state_dict(resume["lr_scheduler"])
+            # Building the scheduler reset the optimizer's lr to step 0's value; put back the resumed step's lr.
+            for group, lr in zip(self._optimizer.param_groups, self._lr_scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+            checkpointing.set_rng_state(resume["rng"])  # last, after everything above that draws random numbers
         self._profiler = self._setup_profiler(cfg.get("profiler", None))
 
     def _setup_model(
@@ -142,6 +172,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._lora_attn_modules = list(cfg_model.lora_attn_modules)
         self._apply_lora_to_mlp = cfg_model.get("apply_lora_to_mlp", False)
         self._apply_lora_to_output = cfg_model.get("apply_lora_to_output", False)
+        self._lora_dropout = cfg_model.get("lora_dropout", 0.0)
         self.adapter_params = get_adapter_params(model)
         set_trainable_params(model, self.adapter_params)
 
@@ -151,7 +182,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
 
         base_missing, base_unexpected = model.load_state_dict(base_model_state_dict, strict=False)
-        if any("magnitude" in k for k in self.adapter_params):  # DoRA magnitudes start from the base weights
+        self._is_dora = any("magnitude" in k for k in self.adapter_params)
+        if self._is_dora:  # DoRA magnitudes start from the base weights
             for m in model.modules():
                 if hasattr(m, "initialize_dora_magnitude"):
                     m.initialize_dora_magnitude()
@@ -181,12 +213,10 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             optimizer.load_state_dict(opt_state_dict)
         return optimizer
 
-    def _setup_lr_scheduler(self, cfg_lr_scheduler: DictConfig | None, num_training_steps: int, last_epoch: int):
+    def _setup_lr_scheduler(self, cfg_lr_scheduler: DictConfig | None, num_training_steps: int):
         if cfg_lr_scheduler is None:  # constant learning rate
-            return torch.optim.lr_scheduler.LambdaLR(self._optimizer, lambda _: 1.0, last_epoch=last_epoch)
-        return config.instantiate(
-            cfg_lr_scheduler, self._optimizer, num_training_steps=num_training_steps, last_epoch=last_epoch
-        )
+            return torch.optim.lr_scheduler.LambdaLR(self._optimizer, lambda _: 1.0)
+        return config.instantiate(cfg_lr_scheduler, self._optimizer, num_training_steps=num_training_steps)
 
     def _setup_data(self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int, collate_fn: str):
         ds, packed = build_dataset(cfg_dataset, self._tokenizer, self._loss_fn.ignore_index)
@@ -240,19 +270,39 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         # CPU: the process's peak resident memory (Linux reports KiB).
         return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
+    def _on_stop_signal(self, signum, frame) -> None:
+        if self._stop_requested:  # second Ctrl-C: leave now
+            os._exit(128 + signum)
+        self._stop_requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
+            "(press Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def train(self) -> None:
         if self._compile:
             log.info("torch.compile is on: the first step compiles the model and is slow.")
-        self.val_losses["before"] = self.evaluate()
-        if self.val_losses["before"] is not None:
-            self._metric_logger.log_dict({"val_loss": self.val_losses["before"]}, step=self.global_step)
+        if self.global_step == 0:
+            self.val_losses["before"] = self.evaluate()
+            if self.val_losses["before"] is not None:
+                self._metric_logger.log_dict({"val_loss": self.val_losses["before"]}, step=0)
 
+        previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._optimizer.zero_grad(set_to_none=True)
+        samples_per_step = self._dataloader.batch_size * self._gradient_accumulation_steps
         with self._profiler as prof:
             for curr_epoch in range(self.epochs_run, self.total_epochs):
                 self._dataloader.sampler.set_epoch(curr_epoch)
-                pbar = tqdm(total=self._steps_per_epoch, desc=f"epoch {curr_epoch + 1}", dynamic_ncols=True)
-                steps_this_epoch = 0
+                # Resuming mid-epoch: skip the samples the checkpointed run already trained on.
+                self._dataloader.sampler.load_state_dict({"yielded": self._steps_done_in_epoch * samples_per_step})
+                pbar = tqdm(
+                    total=self._steps_per_epoch,
+                    initial=self._steps_done_in_epoch,
+                    desc=f"epoch {curr_epoch + 1}",
+                    dynamic_ncols=True,
+                )
                 running_loss, num_tokens = 0.0, 0
                 t0 = time.perf_counter()
                 for idx, batch in enumerate(self._dataloader):
@@ -274,7 +324,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     self._optimizer.zero_grad(set_to_none=True)
                     self._lr_scheduler.step()
                     self.global_step += 1
-                    steps_this_epoch += 1
+                    self._steps_done_in_epoch += 1
 
                     loss = (running_loss / num_tokens).item()
                     n_trained = int(num_tokens)
@@ -295,55 +345,107 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                             metrics.update(self._memory_stats())
                         self._metric_logger.log_dict(metrics, step=self.global_step)
                     running_loss, num_tokens = 0.0, 0
+
+                    epoch_done = self._steps_done_in_epoch == self._steps_per_epoch
+                    if epoch_done:
+                        self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
+                    if self._stop_requested:
+                        break
+                    if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                        self.save_checkpoint(epoch=self.epochs_run)
                     t0 = time.perf_counter()
-                    if steps_this_epoch == self._steps_per_epoch:
+                    if epoch_done:
                         break
                 pbar.close()
-                self.epochs_run += 1
-                self.save_checkpoint(epoch=curr_epoch)
+                if self._stop_requested:
+                    break
 
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+        if self.last_checkpoint is None or self.last_checkpoint.name != checkpointing.step_name(self.global_step):
+            self.save_checkpoint(epoch=self.epochs_run)
+        if self._stop_requested:
+            log.info(f"Stopped at step {self.global_step}; resume with resume_from_checkpoint=True.")
+            return
         self.val_losses["after"] = self.evaluate()
         if self.val_losses["after"] is not None:
             self._metric_logger.log_dict({"val_loss": self.val_losses["after"]}, step=self.global_step)
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Write the PEFT adapter and (unless save_adapter_weights_only) the merged model for ``epoch``.
-
-        Between epochs the optimizer, data position and seed are saved as well, so the run can resume.
+        """Write checkpoints/step_N/: the PEFT adapter, the merged model (unless save_adapter_weights_only),
+        and the recipe state for an exact resume; then point checkpoints/latest at it. Atomic: see checkpointing.
         """
         t0 = time.perf_counter()
-        ckpt_dict: dict[str, Any] = {}
-        intermediate = epoch + 1 < self.total_epochs
-        if intermediate:
-            ckpt_dict.update(
-                {
-                    training.OPT_KEY: self._optimizer.state_dict(),
-                    training.SEED_KEY: self.seed,
-                    training.EPOCHS_KEY: self.epochs_run,
-                    training.TOTAL_EPOCHS_KEY: self.total_epochs,
-                    training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-                    training.DATALOADER_KEY: self._dataloader.state_dict(),
-                }
-            )
+        hf = self._checkpointer._config  # the base model's config.json
+        heads = dict(
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf["num_key_value_heads"],
+            dim=hf["hidden_size"],
+            head_dim=hf.get("head_dim", None),
+        )
         # A copy, always: merging LoRA writes into these tensors, and on CPU .cpu() would return the live weights.
         state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()}
-        ckpt_dict[training.ADAPTER_KEY] = get_adapter_state_dict(state_dict)
-        if not self._save_adapter_weights_only:
-            ckpt_dict[training.MODEL_KEY] = get_merged_lora_ckpt(
-                state_dict, rank=self._lora_rank, alpha=self._lora_alpha
-            )
-        ckpt_dict[training.ADAPTER_CONFIG] = {
-            "r": self._lora_rank,
-            "lora_alpha": self._lora_alpha,
-            "target_modules": get_lora_module_names(
-                self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
-            ),
-            "peft_type": "LORA",
-        }
-        self._checkpointer.save_checkpoint(
-            ckpt_dict, epoch=epoch, intermediate_checkpoint=intermediate, adapter_only=self._save_adapter_weights_only
+        adapter = get_adapter_state_dict(state_dict)
+        writer = checkpointing.CheckpointWriter(self._output_dir, self.global_step)
+
+        writer.write_safetensors(
+            "adapter/adapter_model.safetensors", convert_weights.tune_to_peft_adapter_weights(adapter, **heads)
         )
-        log.info(f"Checkpoint for epoch {epoch + 1} saved in {time.perf_counter() - t0:.1f}s.")
+        peft_config = convert_weights.tune_to_peft_adapter_config(
+            {
+                "r": self._lora_rank,
+                "lora_alpha": self._lora_alpha,
+                "target_modules": get_lora_module_names(
+                    self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
+                ),
+            },
+            base_model_name_or_path=self._base_model_name(),
+        )
+        peft_config.update(
+            peft_type="LORA",
+            task_type="CAUSAL_LM",
+            use_dora=self._is_dora,
+            lora_dropout=self._lora_dropout,
+            bias="none",
+        )
+        writer.write_json("adapter/adapter_config.json", peft_config)
+
+        if not self._save_adapter_weights_only:
+            merged = get_merged_lora_ckpt(state_dict, rank=self._lora_rank, alpha=self._lora_alpha)
+            writer.write_safetensors("model/model.safetensors", convert_weights.tune_to_hf(merged, **heads))
+            for name in checkpointing.HF_SIDE_FILES:
+                source = self._checkpointer._checkpoint_dir / name
+                if source.is_file():
+                    writer.copy(f"model/{name}", source)
+
+        writer.write(
+            checkpointing.RECIPE_STATE,
+            lambda path: torch.save(
+                {
+                    "global_step": self.global_step,
+                    "epoch": epoch,
+                    "steps_done_in_epoch": self._steps_done_in_epoch,
+                    "samples_consumed_in_epoch": self._steps_done_in_epoch
+                    * self._dataloader.batch_size
+                    * self._gradient_accumulation_steps,
+                    "adapter": adapter,
+                    "optimizer": self._optimizer.state_dict(),
+                    "lr_scheduler": self._lr_scheduler.state_dict(),
+                    "rng": checkpointing.rng_state(),
+                    "first_step_loss": self.first_step_loss,
+                },
+                path,
+            ),
+        )
+        writer.write_json(checkpointing.PROVENANCE, self._provenance)
+        self.last_checkpoint = writer.publish(keep_last_n=self._keep_last_n)
+        log.info(
+            f"Step {self.global_step} checkpoint saved to {self.last_checkpoint} in {time.perf_counter() - t0:.1f}s."
+        )
+
+    def _base_model_name(self) -> str:
+        """The Hub id recorded at download time (original_repo_id.json), else the base model's folder."""
+        return self._checkpointer.repo_id or str(self._checkpointer._checkpoint_dir.resolve())
 
     def cleanup(self) -> None:
         self._metric_logger.close()
@@ -361,10 +463,10 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             lines.append(
                 f"held-out loss: {before:.4f} before training, {after:.4f} after ({(after - before) / before:+.1%})"
             )
-        epoch_dir = f"{self._output_dir}/epoch_{self.epochs_run - 1}"
-        lines.append(f"adapter (PEFT):      {epoch_dir}/adapter_model.safetensors + adapter_config.json")
+        ckpt = self.last_checkpoint
+        lines.append(f"adapter (PEFT):    {ckpt}/adapter")
         if not self._save_adapter_weights_only:
-            lines.append(f"merged model (HF):   {epoch_dir}/")
+            lines.append(f"merged model (HF): {ckpt}/model")
         return "\n".join(lines)
 
 

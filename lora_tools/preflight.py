@@ -159,13 +159,16 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def estimated_output_bytes(cfg: DictConfig) -> int:
-    """What one checkpoint writes: the merged model is as large as the base files (the adapter is small)."""
+    """Disk the run's checkpoints hold at once: each merged model is as large as the base files (adapters are
+    small), and with keep_last_n a new checkpoint is written before the oldest is deleted."""
     if cfg.get("save_adapter_weights_only", False):
         return 0
     ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
     files = cfg.checkpointer.checkpoint_files
     names = list(files) if isinstance(files, ListConfig | list) else [files]
-    return sum((ckpt_dir / str(n)).stat().st_size for n in names)
+    per_checkpoint = sum((ckpt_dir / str(n)).stat().st_size for n in names)
+    keep = cfg.get("keep_last_n", None)
+    return per_checkpoint * (keep + 1 if keep else 1)
 
 
 def check_output_dir(cfg: DictConfig) -> None:
@@ -179,6 +182,6 @@ def check_output_dir(cfg: DictConfig) -> None:
     free = shutil.disk_usage(ancestor).free
     if free < needed:
         raise UserError(
-            f"not enough disk for output_dir {out}: a checkpoint needs about {needed / 1e9:.2f} GB, "
+            f"not enough disk for output_dir {out}: checkpoints need about {needed / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free; free space, choose another output_dir, or set save_adapter_weights_only=True"
         )

@@ -6,7 +6,8 @@ no account and no GPU, yet exercise the same loading code as the real model:
 - ``model.safetensors`` + ``config.json``: a Llama-3.2-shaped model (grouped-query attention, llama3 RoPE
   scaling, tied embeddings) in Hugging Face format, read by torchtune's ``FullModelHFCheckpointer``.
 - ``original/tokenizer.model``: a tiktoken BPE file read by torchtune's real ``Llama3Tokenizer``, with
-  ``tokenizer.json`` naming its 256 special tokens (same names and order as Llama 3's, smaller ids).
+  ``special_tokens.json`` (the added_tokens part of a Hugging Face tokenizer.json) naming its 256 special tokens
+  (same names and order as Llama 3's, smaller ids).
 - ``data/train.json`` and ``data/heldout.json``: alpaca-format instruction data (instruction, input, output)
   written here from word lists, nothing taken from a public dataset.
 
@@ -228,7 +229,7 @@ def hf_config(vocab_size: int, specials: dict[str, int]) -> dict:
         "num_key_value_heads": MODEL["num_kv_heads"],
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": MODEL["max_seq_len"],
+        "max_position_embeddings": 131072,  # as Llama 3.2; RoPE is computed, not stored
         "rms_norm_eps": MODEL["norm_eps"],
         "rope_theta": float(MODEL["rope_base"]),
         "rope_scaling": {
@@ -264,13 +265,16 @@ def build(out: Path) -> dict:
         for token, rank in ranks.items():
             f.write(f"{base64.b64encode(token).decode()} {rank}\n")
     added = [{"id": i, "content": t, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
-    (out / "tokenizer.json").write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
+    (out / "special_tokens.json").write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
 
     state = build_model_state(vocab_size)
     head_dim = MODEL["embed_dim"] // MODEL["num_heads"]
     hf_state = tune_to_hf(state, MODEL["num_heads"], MODEL["num_kv_heads"], MODEL["embed_dim"], head_dim)
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(vocab_size, specials), indent=2) + "\n")
+    config = hf_config(vocab_size, specials)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (out / "generation_config.json").write_text(json.dumps({**generation, "do_sample": False}, indent=2) + "\n")
 
     (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")

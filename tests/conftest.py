@@ -52,9 +52,10 @@ def tiny_cfg(**overrides):
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
 
 
-def logged_metrics(output_dir: Path) -> dict[int, dict[str, float]]:
-    """Per-step metrics from torchtune's DiskLogger file under output_dir/logs."""
-    (log_file,) = (Path(output_dir) / "logs").glob("log_*.txt")
+def logged_metrics(output_dir: Path, filename: str | None = None) -> dict[int, dict[str, float]]:
+    """Per-step metrics from torchtune's DiskLogger file under output_dir/logs (the only one, or ``filename``)."""
+    logs = Path(output_dir) / "logs"
+    (log_file,) = [logs / filename] if filename else logs.glob("log_*.txt")
     steps: dict[int, dict[str, float]] = {}
     for line in log_file.read_text().splitlines():
         m = re.match(r"Step (\d+) \| (.*)", line)

@@ -30,10 +30,11 @@ def test_tiny_demo_teaches_the_task(tmp_path):
     assert "held-out loss:" in _summary_value(result.stdout, "held-out loss:")
     assert f"ln(vocab size {tiny_vocab_size()})" in result.stdout
 
-    epoch = out / "epoch_0"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "model-00001-of-00001.safetensors", "config.json"):
-        assert (epoch / name).is_file(), name
-    assert str(epoch) in result.stdout
+    ckpt = out / "checkpoints" / "step_0000120"
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model/model.safetensors"):
+        assert (ckpt / name).is_file(), name
+    assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    assert f"{ckpt}/adapter" in result.stdout and f"{ckpt}/model" in result.stdout
 
 
 def test_shipped_3b_config_runs_two_steps_on_cpu(tmp_path):
@@ -53,7 +54,7 @@ def test_shipped_3b_config_runs_two_steps_on_cpu(tmp_path):
         f"checkpointer.checkpoint_dir={TINY}",
         "checkpointer.checkpoint_files=[model.safetensors]",
         f"tokenizer.path={TINY}/original/tokenizer.model",
-        f"tokenizer.special_tokens_path={TINY}/tokenizer.json",
+        f"tokenizer.special_tokens_path={TINY}/special_tokens.json",
         # dataset source (the builder stays alpaca_cleaned_dataset)
         "dataset.source=json",
         f"dataset.data_files={TINY}/data/train.json",
@@ -73,4 +74,4 @@ def test_shipped_3b_config_runs_two_steps_on_cpu(tmp_path):
     assert sorted(steps) == [1, 2]
     assert all(math.isfinite(steps[s]["loss"]) for s in (1, 2))
     assert steps[1]["lr"] < steps[2]["lr"]  # the shipped warm-up schedule is in force
-    assert (out / "epoch_0" / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoints" / "step_0000002" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,192 @@
+"""Issue C: outputs that load in Hugging Face transformers/peft, exact resume, clean stops, atomic checkpoints."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, TUNE, logged_metrics, offline_env, tiny_cfg
+from safetensors.torch import load_file
+from torchtune import config
+
+from lora_tools.checkpointing import CRASH_ENV, latest_checkpoint
+
+HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
+
+# A short run: 160 samples, batch 8, accumulation 2 -> 10 optimizer steps per epoch, 2 epochs.
+SHORT = [
+    "dataset.split=train[:160]",
+    "batch_size=8",
+    "gradient_accumulation_steps=2",
+    "epochs=2",
+    "lr_scheduler.num_warmup_steps=4",
+]
+
+
+def tune_run(out: Path, *overrides, env=None, wait=True):
+    cmd = [TUNE, "run", "lora_finetune_single_device.py", "--config", "configs/tiny.yaml", f"output_dir={out}"]
+    cmd += list(overrides)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env or offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=600)
+    proc.stdout_text, proc.stderr_text = stdout, stderr
+    return proc
+
+
+def losses(out: Path, filename: str) -> dict[int, float]:
+    steps = logged_metrics(out, filename)
+    return {s: m["loss"] for s, m in steps.items() if "loss" in m}
+
+
+def final_adapter(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(latest_checkpoint(out) / "recipe_state.pt", weights_only=False)["adapter"]
+
+
+def wait_for(predicate, timeout=300, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before the condition held")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def pointer(out: Path) -> str | None:
+    path = out / "checkpoints" / "latest"
+    return path.read_text().strip() if path.is_file() else None
+
+
+# --- outputs load everywhere ------------------------------------------------------------------------------------
+
+
+def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path):
+    assert HF_PYTHON.exists(), "the Hugging Face test environment is missing: run `make test` (it builds .venv-hf)"
+    out = tmp_path / "out"
+    run = tune_run(out, "max_steps_per_epoch=30")
+    assert run.returncode == 0, run.stderr_text[-3000:]
+    ckpt = latest_checkpoint(out)
+    assert ckpt.name == "step_0000030"
+    assert sorted(p.name for p in (ckpt / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    model_files = {p.name for p in (ckpt / "model").iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= model_files
+    adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(TINY.resolve())
+    assert adapter_config["use_dora"] is False and adapter_config["task_type"] == "CAUSAL_LM"
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 32)
+
+    # The recipe's own model (torchtune modules: base weights + trained adapter) on a fixed input.
+    cfg = tiny_cfg()
+    model = config.instantiate(cfg.model)
+    base = config.instantiate(cfg.checkpointer, output_dir=str(tmp_path / "unused")).load_checkpoint()["model"]
+    model.load_state_dict(base, strict=False)
+    model.load_state_dict(final_adapter(out), strict=False)
+    tokens = torch.tensor([[857, 84, 104, 101, 678, 331, 498, 46, 405, 840, 346, 455, 331, 567, 46, 866]])
+    with torch.no_grad():
+        ours = model.eval()(tokens)
+
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps(tokens.tolist()))
+    hf_out = tmp_path / "hf.safetensors"
+    args = [TINY, ckpt / "adapter", ckpt / "model", tokens_file, hf_out]
+    result = subprocess.run([HF_PYTHON, REPO / "tests" / "hf_logits.py", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    hf = load_file(hf_out)
+
+    scale = ours.abs().max().item()
+    tolerance = 1e-4 * scale
+    assert (hf["peft"] - hf["merged"]).abs().max().item() <= tolerance
+    assert (hf["peft"] - ours).abs().max().item() <= tolerance
+    assert (hf["merged"] - ours).abs().max().item() <= tolerance
+    assert (hf["peft"] - hf["base"]).abs().max().item() > 100 * tolerance  # the adapter does change the output
+
+
+# --- exact resume ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_steps", ["null", "7"], ids=["max_steps_null", "max_steps_7"])
+def test_resume_after_sigkill_is_exact(tmp_path, max_steps):
+    common = [*SHORT, f"max_steps_per_epoch={max_steps}", "save_every_n_steps=4"]
+    full_out, cut_out = tmp_path / "full", tmp_path / "cut"
+    full = tune_run(full_out, *common, "metric_logger.filename=log_full.txt")
+    assert full.returncode == 0, full.stderr_text[-3000:]
+    expected = losses(full_out, "log_full.txt")
+    n_steps = 20 if max_steps == "null" else 14
+    assert sorted(expected) == list(range(1, n_steps + 1))
+
+    proc = tune_run(cut_out, *common, "metric_logger.filename=log_first.txt", wait=False)
+    wait_for(lambda: pointer(cut_out) == "step_0000008", proc=proc)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    resumed = tune_run(cut_out, *common, "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt")
+    assert resumed.returncode == 0, resumed.stderr_text[-3000:]
+    after = losses(cut_out, "log_resumed.txt")
+    assert sorted(after) == list(range(9, n_steps + 1))
+    for step, loss in after.items():
+        assert loss == pytest.approx(expected[step], abs=1e-6), step
+
+    want, got = final_adapter(full_out), final_adapter(cut_out)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert (want[name] - got[name]).abs().max().item() <= 1e-6, name
+
+
+def test_sigterm_saves_the_last_completed_step_and_exits_zero(tmp_path):
+    out = tmp_path / "out"
+    proc = tune_run(out, "max_steps_per_epoch=null", "metric_logger.filename=log.txt", wait=False)
+    log_file = out / "logs" / "log.txt"
+    wait_for(lambda: log_file.is_file() and log_file.read_text().count("loss:") >= 3, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    last_step = max(losses(out, "log.txt"))
+    assert last_step < 250  # stopped early (a full epoch is 250 steps)
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == f"step_{last_step:07d}"
+
+    # Resumable: a resumed run continues at the next step, and says what changed since the checkpoint.
+    resumed = tune_run(
+        out,
+        f"max_steps_per_epoch={last_step + 2}",
+        "resume_from_checkpoint=True",
+        "metric_logger.filename=resumed.txt",
+    )
+    assert resumed.returncode == 0, resumed.stderr_text[-3000:]
+    assert sorted(losses(out, "resumed.txt")) == [last_step + 1, last_step + 2]
+    warning = [ln for ln in (resumed.stdout_text + resumed.stderr_text).splitlines() if "changes since" in ln]
+    assert len(warning) == 1 and "max_steps_per_epoch" in warning[0] and "metric_logger.filename" in warning[0]
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    common = [*SHORT, "max_steps_per_epoch=null", "save_every_n_steps=3"]
+    crashed = tune_run(out, *common, "metric_logger.filename=log_first.txt", env=offline_env(**{CRASH_ENV: "6"}))
+    assert crashed.returncode == -signal.SIGKILL
+    assert pointer(out) == "step_0000003"
+    partial = out / "checkpoints" / ".tmp-step_0000006"
+    assert partial.is_dir() and len([p for p in partial.rglob("*") if p.is_file()]) == 1  # killed after 1 file
+    assert not (out / "checkpoints" / "step_0000006").exists()
+
+    resumed = tune_run(out, *common, "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt")
+    assert resumed.returncode == 0, resumed.stderr_text[-3000:]
+    assert sorted(losses(out, "log_resumed.txt")) == list(range(4, 21))
+    assert pointer(out) == "step_0000020"
+    assert not partial.exists()
+
+
+def test_keep_last_n_rotates_old_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    run = tune_run(out, *SHORT, "max_steps_per_epoch=null", "save_every_n_steps=3", "keep_last_n=2")
+    assert run.returncode == 0, run.stderr_text[-3000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000018", "step_0000020"]
