@@ -107,6 +107,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self.epochs_run = state["epoch"]
         self._steps_done_in_epoch = state["steps_done_in_epoch"]
         self.first_step_loss = state.get("first_step_loss")
+        self.last_checkpoint = folder
         checkpoint_dict["resume_state"] = state
         return checkpoint_dict
 

@@ -201,39 +201,43 @@ def special_tokens(base_vocab: int) -> dict[str, int]:
 # --- the model -----------------------------------------------------------------------------------------
 
 
-def build_model_state(vocab_size: int, seed: int = SEED) -> dict[str, torch.Tensor]:
+def build_model_state(
+    vocab_size: int, shape: dict = MODEL, seed: int = SEED, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Random Llama-3.2-shaped weights in torchtune's key format, initialised like Hugging Face."""
     from torchtune.models.llama3_2 import llama3_2
+    from torchtune.training import set_default_dtype
 
     torch.manual_seed(seed)
-    model = llama3_2(vocab_size=vocab_size, tie_word_embeddings=True, **MODEL)
+    with set_default_dtype(dtype), torch.device(device):
+        model = llama3_2(vocab_size=vocab_size, tie_word_embeddings=True, **shape)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:  # RMSNorm scales
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, INIT_STD)
-    return {k: v.contiguous() for k, v in model.state_dict().items()}
+    return {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def hf_config(vocab_size: int, specials: dict[str, int]) -> dict:
-    head_dim = MODEL["embed_dim"] // MODEL["num_heads"]
+def hf_config(vocab_size: int, specials: dict[str, int], shape: dict = MODEL, dtype: str = "float32") -> dict:
+    head_dim = shape["embed_dim"] // shape["num_heads"]
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": MODEL["embed_dim"],
-        "intermediate_size": MODEL["intermediate_dim"],
-        "num_hidden_layers": MODEL["num_layers"],
-        "num_attention_heads": MODEL["num_heads"],
-        "num_key_value_heads": MODEL["num_kv_heads"],
+        "hidden_size": shape["embed_dim"],
+        "intermediate_size": shape["intermediate_dim"],
+        "num_hidden_layers": shape["num_layers"],
+        "num_attention_heads": shape["num_heads"],
+        "num_key_value_heads": shape["num_kv_heads"],
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": 131072,  # as Llama 3.2; RoPE is computed, not stored
-        "rms_norm_eps": MODEL["norm_eps"],
-        "rope_theta": float(MODEL["rope_base"]),
+        "rms_norm_eps": shape["norm_eps"],
+        "rope_theta": float(shape["rope_base"]),
         "rope_scaling": {
-            "factor": float(MODEL["scale_factor"]),
+            "factor": float(shape["scale_factor"]),
             "high_freq_factor": 4.0,
             "low_freq_factor": 1.0,
             "original_max_position_embeddings": 8192,
@@ -242,17 +246,37 @@ def hf_config(vocab_size: int, specials: dict[str, int]) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": True,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "bos_token_id": specials["<|begin_of_text|>"],
         "eos_token_id": [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")],
         "pad_token_id": specials["<|finetune_right_pad_id|>"],
     }
 
 
-def build(out: Path) -> dict:
-    """Write every asset under ``out``; returns a small summary. Deterministic: same bytes every run."""
+def write_model(
+    out: Path,
+    vocab_size: int,
+    specials: dict[str, int],
+    shape: dict = MODEL,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """A random model of ``shape`` as Hugging Face files: model.safetensors, config.json, generation_config.json."""
     from torchtune.models.convert_weights import tune_to_hf
 
+    state = build_model_state(vocab_size, shape, device=device, dtype=dtype)
+    head_dim = shape["embed_dim"] // shape["num_heads"]
+    hf_state = tune_to_hf(state, shape["num_heads"], shape["num_kv_heads"], shape["embed_dim"], head_dim)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(vocab_size, specials, shape, dtype=str(dtype).removeprefix("torch."))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (out / "generation_config.json").write_text(json.dumps({**generation, "do_sample": False}, indent=2) + "\n")
+
+
+def build(out: Path) -> dict:
+    """Write every asset under ``out``; returns a small summary. Deterministic: same bytes every run."""
     train, heldout = build_dataset()
     texts = [_TEMPLATE_TEXT] + [v for e in train + heldout for v in e.values()]
     ranks = build_bpe_ranks(texts)
@@ -267,14 +291,7 @@ def build(out: Path) -> dict:
     added = [{"id": i, "content": t, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
     (out / "special_tokens.json").write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
 
-    state = build_model_state(vocab_size)
-    head_dim = MODEL["embed_dim"] // MODEL["num_heads"]
-    hf_state = tune_to_hf(state, MODEL["num_heads"], MODEL["num_kv_heads"], MODEL["embed_dim"], head_dim)
-    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config(vocab_size, specials)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    (out / "generation_config.json").write_text(json.dumps({**generation, "do_sample": False}, indent=2) + "\n")
+    write_model(out, vocab_size, specials)
 
     (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")

@@ -1,0 +1,218 @@
+"""Speed and memory of this project's LoRA recipe next to torchtune 0.6.1's own recipe, on one machine.
+
+    python -m bench.run                                   # CPU, small Llama-3.2 shape with the real 128k vocabulary
+    python -m bench.run --device cuda --model 3b          # GPU, Llama-3.2-3B's exact shape, bf16, packed 2048
+
+Both stacks train the same LoRA (the shipped config's rank, targets, optimizer and schedule) on the same random
+model and the same packed data, launched as users launch them (`tune run ...`). Reported per run: tokens/s
+(median over the steps after warm-up, trained tokens only), peak memory (RSS on CPU; max allocated and reserved
+on CUDA), time from launch to the first step, final loss; on CUDA also model FLOPs utilization.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "assets" / "tiny"
+VOCAB = 128_256
+SHAPES = {
+    "small": dict(num_layers=2, num_heads=8, num_kv_heads=2, embed_dim=256, intermediate_dim=768),
+    "3b": dict(num_layers=28, num_heads=24, num_kv_heads=8, embed_dim=3072, intermediate_dim=8192),
+}
+COMMON_SHAPE = dict(max_seq_len=131_072, norm_eps=1e-5, rope_base=500_000, scale_factor=32)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
+LORA_RANK = 64
+RECIPES = {"ours": "lora_finetune_single_device.py", "torchtune": "lora_finetune_single_device"}
+
+
+def build_model(model: str, device: str) -> Path:
+    """Random weights of the chosen shape with the real 128k vocabulary, once per machine."""
+    from lora_tools import tiny_assets
+
+    out = REPO / "assets" / f"bench-{model}"
+    if not (out / "model.safetensors").exists():
+        specials = tiny_assets.special_tokens(VOCAB - 256)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        tiny_assets.write_model(out, VOCAB, specials, {**SHAPES[model], **COMMON_SHAPE}, device=device, dtype=dtype)
+    return out
+
+
+def overrides(model_dir: Path, model: str, device: str, steps: int, batch: int, seq: int, out: Path, **flags):
+    shape = {**SHAPES[model], **COMMON_SHAPE}
+    return [
+        "model._component_=torchtune.models.llama3_2.lora_llama3_2",
+        *(f"model.{k}={v}" for k, v in shape.items()),
+        f"model.vocab_size={VOCAB}",
+        f"checkpointer.checkpoint_dir={model_dir}",
+        "checkpointer.checkpoint_files=[model.safetensors]",
+        f"tokenizer.path={TINY}/original/tokenizer.model",
+        f"tokenizer.special_tokens_path={TINY}/special_tokens.json",
+        f"tokenizer.max_seq_len={seq}",
+        "dataset.source=json",
+        f"dataset.data_files={TINY}/data/train.json",
+        "dataset.packed=True",
+        f"batch_size={batch}",
+        "gradient_accumulation_steps=1",
+        f"max_steps_per_epoch={steps}",
+        "seed=0",
+        f"device={device}",
+        f"dtype={'bf16' if device == 'cuda' else 'fp32'}",
+        f"compile={flags.get('compile', device == 'cuda')}",
+        f"enable_activation_checkpointing={flags.get('ac', False)}",
+        f"enable_activation_offloading={flags.get('offload', False)}",
+        f"optimizer.fused={device == 'cuda'}",
+        "save_adapter_weights_only=True",
+        "save_every_n_steps=null",
+        "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
+        "metric_logger.filename=bench.txt",
+        f"output_dir={out}",
+        f"log_peak_memory_stats={device == 'cuda'}",
+    ] + ([] if flags.get("chunked", True) else ["loss._component_=torch.nn.CrossEntropyLoss"])
+
+
+def run_stack(stack: str, args: list[str], out: Path, timeout: int) -> dict:
+    """Launch one training run the way a user does; time it; read its metrics back."""
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPES[stack], "--config"]
+    cmd += ["lora_finetune_single_device.yaml", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    log_file = out / "logs" / "bench.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    console = out / "console.txt"
+    start = time.monotonic()
+    with open(console, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    first_step, status, usage = None, None, None
+    while status is None:  # os.wait4 (not Popen.poll) so we get this child's own peak RSS
+        pid, raw_status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            status, usage = os.waitstatus_to_exitcode(raw_status), ru
+            break
+        if first_step is None and log_file.is_file() and "Step 1 |" in log_file.read_text():
+            first_step = time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            proc.kill()
+        time.sleep(0.05)
+    if status != 0 or not log_file.is_file():
+        lines = console.read_text().strip().splitlines()
+        return {"error": f"exit {status}: " + (lines[-1] if lines else "")}
+    steps = {}
+    for line in log_file.read_text().splitlines():
+        m = re.match(r"Step (\d+) \| (.*)", line)
+        if m:
+            steps.setdefault(int(m.group(1)), {}).update(kv.split(":", 1) for kv in m.group(2).split())
+    rates = [float(s.get("tokens_per_second") or s.get("tokens_per_second_per_gpu")) for _, s in sorted(steps.items())]
+    warm = rates[3:] if len(rates) > 4 else rates[1:] or rates
+    last = steps[max(steps)]
+    result = {
+        "tokens_per_second": statistics.median(warm),
+        "time_to_first_step_s": first_step,
+        "final_loss": float(last["loss"]),
+        "steps": len(steps),
+        "peak_rss_gib": usage.ru_maxrss / 1024**2,
+    }
+    for key in ("peak_memory_alloc", "peak_memory_reserved"):
+        if key in last:
+            result[key + "_gib"] = max(float(s[key]) for s in steps.values())
+    return result
+
+
+def flops_per_token(model: str, seq: int) -> tuple[float, dict]:
+    """4N + 3A + 6N_lora: frozen matmuls forward and input-gradient, causal attention, LoRA forward+backward."""
+    s = SHAPES[model]
+    d, ff, layers = s["embed_dim"], s["intermediate_dim"], s["num_layers"]
+    kv = d // s["num_heads"] * s["num_kv_heads"]
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ff  # q, o, k, v, w1, w2, w3
+    n = layers * per_layer + VOCAB * d  # tied output head included
+    attention = 2 * layers * seq * d
+    lora_per_layer = LORA_RANK * ((d + d) + (d + kv) + (d + d) + 3 * (d + ff))  # q, v, o, w1, w2, w3
+    n_lora = layers * lora_per_layer
+    return 4 * n + 3 * attention + 6 * n_lora, {"N": n, "A": attention, "N_lora": n_lora}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=sorted(SHAPES), default=None, help="default: small on cpu, 3b on cuda")
+    parser.add_argument("--stacks", default="ours,torchtune", help="comma-separated: ours, torchtune")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 12 on cpu, 20 on cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="packed rows per step (default 2 cpu, 4 cuda)")
+    parser.add_argument("--seq", type=int, default=None, help="packed row length (default 512 cpu, 2048 cuda)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per stack, alternating the order")
+    parser.add_argument(
+        "--variants",
+        default="default",
+        help="cuda memory settings to sweep, comma-separated from: default (compile, no checkpointing), "
+        "ac (activation checkpointing), ac+offload, nocompile, nochunk",
+    )
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    model = args.model or ("3b" if args.device == "cuda" else "small")
+    steps = args.steps or (20 if args.device == "cuda" else 12)
+    batch = args.batch or (4 if args.device == "cuda" else 2)
+    seq = args.seq or (2048 if args.device == "cuda" else 512)
+    model_dir = build_model(model, args.device)
+    flops, counts = flops_per_token(model, seq)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+
+    variant_flags = {
+        "default": {},
+        "ac": {"ac": True},
+        "ac+offload": {"ac": True, "offload": True},
+        "nocompile": {"compile": False},
+        "nochunk": {"chunked": False},
+    }
+    rows = []
+    stacks = args.stacks.split(",")
+    for variant in args.variants.split(","):
+        for repeat in range(args.repeats):
+            order = stacks if repeat % 2 == 0 else stacks[::-1]
+            for stack in order:
+                out = REPO / "outputs" / "bench" / f"{stack}-{variant}-{repeat}"
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                run_args = overrides(model_dir, model, args.device, steps, batch, seq, out, **variant_flags[variant])
+                result = run_stack(stack, run_args, out, args.timeout)
+                if "tokens_per_second" in result and peak:
+                    result["mfu"] = result["tokens_per_second"] * flops / peak
+                rows.append({"stack": stack, "variant": variant, "repeat": repeat, **result})
+                print(json.dumps(rows[-1]), flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"rows": rows, "flops_per_token": flops, **counts}, indent=1))
+
+    print(f"\n{model} shape, {args.device}, batch {batch} x {seq} packed, {steps} steps, LoRA rank {LORA_RANK}")
+    print(f"FLOPs per trained token (4N + 3A + 6N_lora): {flops / 1e9:.2f} G  ({counts})")
+    header = "| stack | variant | tokens/s (median) | vs ours | first step (s) | final loss | peak memory | MFU |"
+    print(header + "\n|" + " --- |" * 8)
+    by_variant = {}
+    for row in rows:
+        by_variant.setdefault((row["variant"], row["stack"]), []).append(row)
+    for (variant, stack), group in by_variant.items():
+        if any("error" in r for r in group):
+            print(f"| {stack} | {variant} | failed: {group[0].get('error', '')[:80]} |")
+            continue
+        tps = statistics.median(r["tokens_per_second"] for r in group)
+        ours = by_variant.get((variant, "ours"))
+        ratio = tps / statistics.median(r["tokens_per_second"] for r in ours) if ours and "error" not in ours[0] else 0
+        first = statistics.median(r["time_to_first_step_s"] or 0 for r in group)
+        loss = group[0]["final_loss"]
+        if "peak_memory_alloc_gib" in group[0]:
+            mem = f"{group[0]['peak_memory_alloc_gib']:.1f} / {group[0]['peak_memory_reserved_gib']:.1f} GiB alloc/resv"
+        else:
+            mem = f"{statistics.median(r['peak_rss_gib'] for r in group):.2f} GiB RSS"
+        mfu = f"{group[0]['mfu']:.1%}" if "mfu" in group[0] else "-"
+        print(f"| {stack} | {variant} | {tps:,.0f} | {ratio:.2f}x | {first:.1f} | {loss:.3f} | {mem} | {mfu} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
