@@ -127,11 +127,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             cfg_optimizer=cfg.optimizer, opt_state_dict=resume["optimizer"] if resume else None
         )
         self._loss_fn = config.instantiate(cfg.loss)
-        if hasattr(self._loss_fn, "num_output_chunks"):
-            # Chunked cross-entropy: the model returns its logits in chunks so they are never all in memory.
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         if self._compile:
-            training.compile_loss(self._loss_fn)
+            self._loss_fn = training.compile_loss(self._loss_fn)
 
         collate_fn = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
         self._dataloader = self._setup_data(cfg.dataset, cfg.get("shuffle", True), cfg.batch_size, collate_fn)
@@ -202,6 +199,12 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         )
         training.validate_expected_param_dtype(self.adapter_params.items(), dtype=self._dtype)
         self._activations_ctx = training.get_act_offloading_ctx_manager(model, self._enable_activation_offloading)
+        # The output layer (a 128k-wide matmul, most of a step's cost at small scale) runs in _loss_step on the
+        # positions that carry a label only: the model itself stops at the final norm.
+        # (object.__setattr__ shadows the unembed method for this instance without registering a submodule, so
+        # parameters and state_dict keys stay exactly as torchtune defines them.)
+        self._output_layer = model.output
+        object.__setattr__(model, "unembed", model.norm)
         n_train = sum(p.numel() for p in self.adapter_params.values())
         n_all = sum(p.numel() for p in model.parameters())
         log.info(f"Model ready on {self._device.type} in {self._dtype}: {n_train:,} of {n_all:,} parameters train.")
@@ -245,11 +248,17 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         """
         labels = batch.pop("labels")
         with self._activations_ctx:
-            logits = self._model(**batch)
-        n_tokens = (labels != self._loss_fn.ignore_index).sum()
-        if not isinstance(logits, list):
-            logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-        return self._loss_fn(logits, labels) * n_tokens, n_tokens
+            hidden = self._model(**batch)  # [b, s, d], after the final norm
+        trained = labels != self._loss_fn.ignore_index
+        hidden, labels = hidden[trained], labels[trained]  # [n, d], [n]: prompt and padding cost nothing more
+        n_tokens = labels.numel()
+        chunks = getattr(self._loss_fn, "num_output_chunks", 0)
+        if chunks:  # chunked cross-entropy: logits of one chunk at a time, upcast to fp32 inside the loss
+            logits = [self._output_layer(h) for h in hidden.unsqueeze(0).chunk(chunks, dim=1)]
+            loss = self._loss_fn(logits, labels.unsqueeze(0))
+        else:
+            loss = self._loss_fn(self._output_layer(hidden).float(), labels)
+        return loss * n_tokens, torch.tensor(n_tokens, device=hidden.device)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -1,12 +1,14 @@
-"""Speed and memory of this project's LoRA recipe next to torchtune 0.6.1's own recipe, on one machine.
+"""Speed and memory of this project's LoRA recipe next to torchtune 0.6.1's own recipe and Hugging Face
+transformers + peft + TRL's SFTTrainer, on one machine.
 
     python -m bench.run                                   # CPU, small Llama-3.2 shape with the real 128k vocabulary
     python -m bench.run --device cuda --model 3b          # GPU, Llama-3.2-3B's exact shape, bf16, packed 2048
 
-Both stacks train the same LoRA (the shipped config's rank, targets, optimizer and schedule) on the same random
-model and the same packed data, launched as users launch them (`tune run ...`). Reported per run: tokens/s
-(median over the steps after warm-up, trained tokens only), peak memory (RSS on CPU; max allocated and reserved
-on CUDA), time from launch to the first step, final loss; on CUDA also model FLOPs utilization.
+Every stack trains the same LoRA (the shipped config's rank, targets, optimizer and schedule) on the same random
+model and the same tokenized samples packed to the same length, launched as users launch it (`tune run ...`;
+TRL in its own environment, .venv-hf, since peft refuses to import beside torchtune's torchao). Reported per
+run: tokens/s (median over the steps after warm-up, trained tokens only), peak memory (RSS on CPU; max allocated
+and reserved on CUDA), time from launch to the first step, final loss; on CUDA also model FLOPs utilization.
 """
 
 import argparse
@@ -32,6 +34,7 @@ COMMON_SHAPE = dict(max_seq_len=131_072, norm_eps=1e-5, rope_base=500_000, scale
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 LORA_RANK = 64
 RECIPES = {"ours": "lora_finetune_single_device.py", "torchtune": "lora_finetune_single_device"}
+HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
 
 
 def build_model(model: str, device: str) -> Path:
@@ -60,6 +63,7 @@ def overrides(model_dir: Path, model: str, device: str, steps: int, batch: int, 
         "dataset.source=json",
         f"dataset.data_files={TINY}/data/train.json",
         "dataset.packed=True",
+        f"dataset.train_on_input={flags.get('train_on_input', True)}",
         f"batch_size={batch}",
         "gradient_accumulation_steps=1",
         f"max_steps_per_epoch={steps}",
@@ -79,12 +83,62 @@ def overrides(model_dir: Path, model: str, device: str, steps: int, batch: int, 
     ] + ([] if flags.get("chunked", True) else ["loss._component_=torch.nn.CrossEntropyLoss"])
 
 
-def run_stack(stack: str, args: list[str], out: Path, timeout: int) -> dict:
+def tokenized_samples(out: Path, seq: int, train_on_input: bool) -> tuple[Path, int]:
+    """The training samples as token ids + completion mask, tokenized by torchtune exactly as the recipes do."""
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    tokenizer = config.instantiate(
+        OmegaConf.create(
+            {
+                "_component_": "torchtune.models.llama3.llama3_tokenizer",
+                "path": f"{TINY}/original/tokenizer.model",
+                "special_tokens_path": f"{TINY}/special_tokens.json",
+                "max_seq_len": seq,
+            }
+        )
+    )
+    from torchtune.datasets import alpaca_cleaned_dataset
+
+    data = f"{TINY}/data/train.json"
+    ds = alpaca_cleaned_dataset(tokenizer, source="json", data_files=data, train_on_input=train_on_input)
+    path = out / "samples.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for sample in ds:
+            mask = [int(label != -100) for label in sample["labels"]]
+            f.write(json.dumps({"input_ids": sample["tokens"], "completion_mask": mask}) + "\n")
+    return path, tokenizer.pad_id
+
+
+def command(stack: str, args: list[str], trl_args: list[str]) -> list[str]:
+    if stack == "trl":
+        return [str(HF_PYTHON), str(REPO / "bench" / "trl_sft.py"), *trl_args]
+    return [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPES[stack], "--config"] + [
+        "lora_finetune_single_device.yaml",
+        *args,
+    ]
+
+
+def read_steps(log_file: Path) -> dict[int, dict[str, float]]:
+    """Per-step metrics from torchtune's DiskLogger text file or the TRL script's JSON lines."""
+    steps: dict[int, dict[str, float]] = {}
+    for line in log_file.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            steps[int(record.pop("step"))] = {k: float(v) for k, v in record.items()}
+            continue
+        m = re.match(r"Step (\d+) \| (.*)", line)
+        if m:
+            pairs = dict(kv.split(":", 1) for kv in m.group(2).split())
+            steps.setdefault(int(m.group(1)), {}).update({k: float(v) for k, v in pairs.items()})
+    return {k: v for k, v in steps.items() if "loss" in v}
+
+
+def run_stack(stack: str, cmd: list[str], out: Path, timeout: int) -> dict:
     """Launch one training run the way a user does; time it; read its metrics back."""
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPES[stack], "--config"]
-    cmd += ["lora_finetune_single_device.yaml", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
-    log_file = out / "logs" / "bench.txt"
+    log_file = out / ("steps.jsonl" if stack == "trl" else "logs/bench.txt")
     out.mkdir(parents=True, exist_ok=True)
     console = out / "console.txt"
     start = time.monotonic()
@@ -96,7 +150,7 @@ def run_stack(stack: str, args: list[str], out: Path, timeout: int) -> dict:
         if pid:
             status, usage = os.waitstatus_to_exitcode(raw_status), ru
             break
-        if first_step is None and log_file.is_file() and "Step 1 |" in log_file.read_text():
+        if first_step is None and log_file.is_file() and read_steps(log_file):
             first_step = time.monotonic() - start
         if time.monotonic() - start > timeout:
             proc.kill()
@@ -104,24 +158,19 @@ def run_stack(stack: str, args: list[str], out: Path, timeout: int) -> dict:
     if status != 0 or not log_file.is_file():
         lines = console.read_text().strip().splitlines()
         return {"error": f"exit {status}: " + (lines[-1] if lines else "")}
-    steps = {}
-    for line in log_file.read_text().splitlines():
-        m = re.match(r"Step (\d+) \| (.*)", line)
-        if m:
-            steps.setdefault(int(m.group(1)), {}).update(kv.split(":", 1) for kv in m.group(2).split())
-    rates = [float(s.get("tokens_per_second") or s.get("tokens_per_second_per_gpu")) for _, s in sorted(steps.items())]
+    steps = read_steps(log_file)
+    rates = [s.get("tokens_per_second", s.get("tokens_per_second_per_gpu")) for _, s in sorted(steps.items())]
     warm = rates[3:] if len(rates) > 4 else rates[1:] or rates
-    last = steps[max(steps)]
     result = {
         "tokens_per_second": statistics.median(warm),
         "time_to_first_step_s": first_step,
-        "final_loss": float(last["loss"]),
+        "final_loss": steps[max(steps)]["loss"],
         "steps": len(steps),
         "peak_rss_gib": usage.ru_maxrss / 1024**2,
     }
     for key in ("peak_memory_alloc", "peak_memory_reserved"):
-        if key in last:
-            result[key + "_gib"] = max(float(s[key]) for s in steps.values())
+        if key in steps[max(steps)]:
+            result[key + "_gib"] = max(s[key] for s in steps.values())
     return result
 
 
@@ -142,7 +191,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=sorted(SHAPES), default=None, help="default: small on cpu, 3b on cuda")
-    parser.add_argument("--stacks", default="ours,torchtune", help="comma-separated: ours, torchtune")
+    parser.add_argument("--stacks", default="ours,torchtune,trl", help="comma-separated: ours, torchtune, trl")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 12 on cpu, 20 on cuda)")
     parser.add_argument("--batch", type=int, default=None, help="packed rows per step (default 2 cpu, 4 cuda)")
     parser.add_argument("--seq", type=int, default=None, help="packed row length (default 512 cpu, 2048 cuda)")
@@ -152,6 +201,12 @@ def main(argv=None) -> int:
         default="default",
         help="cuda memory settings to sweep, comma-separated from: default (compile, no checkpointing), "
         "ac (activation checkpointing), ac+offload, nocompile, nochunk",
+    )
+    parser.add_argument(
+        "--train-on-input",
+        choices=["true", "false"],
+        default="true",
+        help="loss on prompts too (true, as the shipped config) or on responses only (false)",
     )
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -174,14 +229,21 @@ def main(argv=None) -> int:
     }
     rows = []
     stacks = args.stacks.split(",")
+    trl_args = []
+    if "trl" in stacks:
+        samples, pad_id = tokenized_samples(REPO / "outputs" / "bench", seq, args.train_on_input == "true")
+        trl_args = ["--model-dir", str(model_dir), "--data", str(samples), "--steps", str(steps)]
+        trl_args += ["--batch", str(batch), "--seq", str(seq), "--pad-id", str(pad_id), "--device", args.device]
     for variant in args.variants.split(","):
         for repeat in range(args.repeats):
             order = stacks if repeat % 2 == 0 else stacks[::-1]
             for stack in order:
                 out = REPO / "outputs" / "bench" / f"{stack}-{variant}-{repeat}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-                run_args = overrides(model_dir, model, args.device, steps, batch, seq, out, **variant_flags[variant])
-                result = run_stack(stack, run_args, out, args.timeout)
+                flags = {**variant_flags[variant], "train_on_input": args.train_on_input == "true"}
+                run_args = overrides(model_dir, model, args.device, steps, batch, seq, out, **flags)
+                cmd = command(stack, run_args, [*trl_args, "--out", str(out)])
+                result = run_stack(stack, cmd, out, args.timeout)
                 if "tokens_per_second" in result and peak:
                     result["mfu"] = result["tokens_per_second"] * flops / peak
                 rows.append({"stack": stack, "variant": variant, "repeat": repeat, **result})
@@ -189,7 +251,10 @@ def main(argv=None) -> int:
                 if args.json:
                     args.json.write_text(json.dumps({"rows": rows, "flops_per_token": flops, **counts}, indent=1))
 
-    print(f"\n{model} shape, {args.device}, batch {batch} x {seq} packed, {steps} steps, LoRA rank {LORA_RANK}")
+    print(
+        f"\n{model} shape, {args.device}, batch {batch} x {seq} packed, {steps} steps, LoRA rank {LORA_RANK}, "
+        f"train_on_input {args.train_on_input}"
+    )
     print(f"FLOPs per trained token (4N + 3A + 6N_lora): {flops / 1e9:.2f} G  ({counts})")
     header = "| stack | variant | tokens/s (median) | vs ours | first step (s) | final loss | peak memory | MFU |"
     print(header + "\n|" + " --- |" * 8)
