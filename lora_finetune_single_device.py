@@ -43,6 +43,7 @@ from tqdm import tqdm
 from lora_tools import checkpointing
 from lora_tools.data import build_dataset, collate_for
 from lora_tools.errors import UserError
+from lora_tools.generate import greedy, log_samples, prompt_tokens, uses_alpaca
 from lora_tools.launch import recipe_main
 
 log = utils.get_logger("INFO")
@@ -81,9 +82,15 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._enable_activation_offloading = cfg.get("enable_activation_offloading", False)
         self.first_step_loss: float | None = None
         self.val_losses: dict[str, float] = {}
+        self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
+        self._early_stopping_patience = cfg.get("early_stopping_patience", None)
+        self._best_val, self._evals_without_improvement = math.inf, 0
+        self._sample_prompts = list(cfg.get("sample_prompts", None) or [])
+        self._sample_every_n_steps = cfg.get("sample_every_n_steps", None)
+        self._alpaca_prompts = uses_alpaca(cfg)
         # Data position inside the current epoch, in optimizer steps (non-zero only when resuming mid-epoch).
         self._steps_done_in_epoch = 0
-        self._stop_requested = False
+        self._stop_reason: str | None = None  # "signal" or "early stopping": finish the step, save, stop
         self.last_checkpoint = None
 
     def load_checkpoint(self, cfg_checkpointer: DictConfig) -> dict[str, Any]:
@@ -274,6 +281,43 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._model.train()
         return (total / n).item()
 
+    def _validate(self) -> float | None:
+        """Validation loss at the current step: logged, remembered, and checked for early stopping."""
+        val = self.evaluate()
+        if val is None:
+            return None
+        self.val_losses[self.global_step] = val
+        self._metric_logger.log_dict({"val_loss": val, "val_perplexity": math.exp(val)}, step=self.global_step)
+        if val < self._best_val:
+            self._best_val, self._evals_without_improvement = val, 0
+        else:
+            self._evals_without_improvement += 1
+            if self._early_stopping_patience and self._evals_without_improvement >= self._early_stopping_patience:
+                log.info(
+                    f"Early stopping at step {self.global_step}: no better validation loss in "
+                    f"{self._evals_without_improvement} evaluations (best {self._best_val:.4f})."
+                )
+                self._stop_reason = "early stopping"
+        return val
+
+    @torch.no_grad()
+    def _generate_samples(self, max_new_tokens: int = 48) -> None:
+        """Greedy answers to the config's sample_prompts, so the log shows them change as training goes."""
+        if not self._sample_prompts:
+            return
+        self._model.eval()
+        rows = []
+        for prompt in self._sample_prompts:
+            tokens = prompt_tokens(self._tokenizer, prompt, self._alpaca_prompts)
+            ids = list(greedy(self._model, tokens, max_new_tokens, self._tokenizer.stop_tokens, self._logits))
+            rows.append((prompt, self._tokenizer.decode(ids)))
+        self._model.train()
+        log_samples(self._metric_logger, self.global_step, rows)
+
+    def _logits(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Full logits (the model itself stops at the final norm; see _setup_model)."""
+        return self._output_layer(self._model(tokens, **kwargs))
+
     def _memory_stats(self) -> dict[str, float]:
         if self._device.type == "cuda":
             return training.get_memory_stats(device=self._device)
@@ -281,9 +325,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
     def _on_stop_signal(self, signum, frame) -> None:
-        if self._stop_requested:  # second Ctrl-C: leave now
+        if self._stop_reason == "signal":  # second Ctrl-C: leave now
             os._exit(128 + signum)
-        self._stop_requested = True
+        self._stop_reason = "signal"
         print(
             f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
             "(press Ctrl-C again to quit at once)",
@@ -295,9 +339,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         if self._compile:
             log.info("torch.compile is on: the first step compiles the model and is slow.")
         if self.global_step == 0:
-            self.val_losses["before"] = self.evaluate()
-            if self.val_losses["before"] is not None:
-                self._metric_logger.log_dict({"val_loss": self.val_losses["before"]}, step=0)
+            self.val_losses["before"] = self._validate()
 
         previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._optimizer.zero_grad(set_to_none=True)
@@ -359,7 +401,11 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     epoch_done = self._steps_done_in_epoch == self._steps_per_epoch
                     if epoch_done:
                         self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
-                    if self._stop_requested:
+                    if self._run_val_every_n_steps and self.global_step % self._run_val_every_n_steps == 0:
+                        self._validate()
+                    if self._sample_every_n_steps and self.global_step % self._sample_every_n_steps == 0:
+                        self._generate_samples()
+                    if self._stop_reason:
                         break
                     if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
                         self.save_checkpoint(epoch=self.epochs_run)
@@ -367,19 +413,19 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     if epoch_done:
                         break
                 pbar.close()
-                if self._stop_requested:
+                if self._stop_reason:
                     break
 
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
         if self.last_checkpoint is None or self.last_checkpoint.name != checkpointing.step_name(self.global_step):
             self.save_checkpoint(epoch=self.epochs_run)
-        if self._stop_requested:
+        if self._stop_reason == "signal":
             log.info(f"Stopped at step {self.global_step}; resume with resume_from_checkpoint=True.")
             return
-        self.val_losses["after"] = self.evaluate()
-        if self.val_losses["after"] is not None:
-            self._metric_logger.log_dict({"val_loss": self.val_losses["after"]}, step=self.global_step)
+        self.val_losses["after"] = self.val_losses.get(self.global_step) or self._validate()
+        if not self._sample_every_n_steps or self.global_step % self._sample_every_n_steps:
+            self._generate_samples()  # at the end too, unless this step just sampled
 
     def save_checkpoint(self, epoch: int) -> None:
         """Write checkpoints/step_N/: the PEFT adapter, the merged model (unless save_adapter_weights_only),
@@ -399,7 +445,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         writer = checkpointing.CheckpointWriter(self._output_dir, self.global_step)
 
         writer.write_safetensors(
-            "adapter/adapter_model.safetensors", convert_weights.tune_to_peft_adapter_weights(adapter, **heads)
+            "adapter/adapter_model.safetensors", checkpointing.peft_adapter_weights(adapter, **heads)
         )
         peft_config = convert_weights.tune_to_peft_adapter_config(
             {
@@ -473,6 +519,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             lines.append(
                 f"held-out loss: {before:.4f} before training, {after:.4f} after ({(after - before) / before:+.1%})"
             )
+            lines.append(f"{'':<8}{'loss':>10}{'perplexity':>12}")
+            for name, val in (("before", before), ("after", after)):
+                lines.append(f"{name:<8}{val:>10.4f}{math.exp(val):>12.2f}")
         ckpt = self.last_checkpoint
         lines.append(f"adapter (PEFT):    {ckpt}/adapter")
         if not self._save_adapter_weights_only:

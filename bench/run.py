@@ -85,21 +85,12 @@ def overrides(model_dir: Path, model: str, device: str, steps: int, batch: int, 
 
 def tokenized_samples(out: Path, seq: int, train_on_input: bool) -> tuple[Path, int]:
     """The training samples as token ids + completion mask, tokenized by torchtune exactly as the recipes do."""
-    from omegaconf import OmegaConf
-    from torchtune import config
-
-    tokenizer = config.instantiate(
-        OmegaConf.create(
-            {
-                "_component_": "torchtune.models.llama3.llama3_tokenizer",
-                "path": f"{TINY}/original/tokenizer.model",
-                "special_tokens_path": f"{TINY}/special_tokens.json",
-                "max_seq_len": seq,
-            }
-        )
-    )
     from torchtune.datasets import alpaca_cleaned_dataset
+    from torchtune.models.llama3 import llama3_tokenizer
 
+    tokenizer = llama3_tokenizer(
+        f"{TINY}/original/tokenizer.model", special_tokens_path=f"{TINY}/special_tokens.json", max_seq_len=seq
+    )
     data = f"{TINY}/data/train.json"
     ds = alpaca_cleaned_dataset(tokenizer, source="json", data_files=data, train_on_input=train_on_input)
     path = out / "samples.jsonl"
@@ -112,12 +103,11 @@ def tokenized_samples(out: Path, seq: int, train_on_input: bool) -> tuple[Path, 
 
 
 def command(stack: str, args: list[str], trl_args: list[str]) -> list[str]:
+    """How a user launches each stack."""
     if stack == "trl":
         return [str(HF_PYTHON), str(REPO / "bench" / "trl_sft.py"), *trl_args]
-    return [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPES[stack], "--config"] + [
-        "lora_finetune_single_device.yaml",
-        *args,
-    ]
+    tune = [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPES[stack]]
+    return [*tune, "--config", "lora_finetune_single_device.yaml", *args]
 
 
 def read_steps(log_file: Path) -> dict[int, dict[str, float]]:

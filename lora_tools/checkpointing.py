@@ -120,6 +120,25 @@ class CheckpointWriter:
         return self.final
 
 
+def peft_adapter_weights(
+    adapter: dict[str, torch.Tensor], num_heads: int, num_kv_heads: int, dim: int, head_dim: int | None
+) -> dict[str, torch.Tensor]:
+    """torchtune adapter -> PEFT keys and layout.
+
+    torchtune's converter permutes lora_B of q_proj/k_proj into Hugging Face's rotary row order but not the DoRA
+    magnitude of those rows, so PEFT would scale the wrong rows; the magnitude gets the same permutation here.
+    """
+    from torchtune.models.convert_weights import tune_to_peft_adapter_weights
+
+    head_dim = head_dim or dim // num_heads
+    out = tune_to_peft_adapter_weights(adapter, num_heads, num_kv_heads, dim, head_dim)
+    for key, value in out.items():
+        for proj, heads in (("q_proj", num_heads), ("k_proj", num_kv_heads)):
+            if key.endswith(f"{proj}.lora_magnitude_vector"):
+                out[key] = value.view(heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+    return out
+
+
 # --- provenance -------------------------------------------------------------------------------------------
 
 

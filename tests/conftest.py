@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,3 +72,34 @@ def tiny_vocab_size() -> int:
 
 def ln_vocab() -> float:
     return math.log(tiny_vocab_size())
+
+
+HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
+PROBE_TOKENS = [[857, 84, 104, 101, 678, 331, 498, 46, 405, 840, 346, 455, 331, 567, 46, 866]]
+
+
+def recipe_logits(checkpoint: Path, tmp_path: Path, **overrides) -> torch.Tensor:
+    """The recipe's own model (torchtune modules: base weights + the checkpoint's adapter) on PROBE_TOKENS."""
+    from torchtune import config
+
+    cfg = tiny_cfg(**overrides)
+    model = config.instantiate(cfg.model)
+    base = config.instantiate(cfg.checkpointer, output_dir=str(tmp_path / "unused")).load_checkpoint()["model"]
+    model.load_state_dict(base, strict=False)
+    adapter = torch.load(checkpoint / "recipe_state.pt", weights_only=False)["adapter"]
+    model.load_state_dict(adapter, strict=False)
+    with torch.no_grad():
+        return model.eval()(torch.tensor(PROBE_TOKENS)).float()
+
+
+def hf_logits(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Logits on PROBE_TOKENS from the plain Hugging Face calls, run in .venv-hf (transformers + peft)."""
+    from safetensors.torch import load_file
+
+    assert HF_PYTHON.exists(), "the Hugging Face test environment is missing: run `make test` (it builds .venv-hf)"
+    tokens_file, out = tmp_path / "tokens.json", tmp_path / "hf.safetensors"
+    tokens_file.write_text(json.dumps(PROBE_TOKENS))
+    args = [TINY, checkpoint / "adapter", checkpoint / "model", tokens_file, out]
+    result = subprocess.run([HF_PYTHON, REPO / "tests" / "hf_logits.py", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out)

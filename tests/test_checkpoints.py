@@ -8,13 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, TUNE, logged_metrics, offline_env, tiny_cfg
-from safetensors.torch import load_file
-from torchtune import config
+from conftest import REPO, TINY, TUNE, hf_logits, logged_metrics, offline_env, recipe_logits
 
 from lora_tools.checkpointing import CRASH_ENV, latest_checkpoint
-
-HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
 
 # A short run: 160 samples, batch 8, accumulation 2 -> 10 optimizer steps per epoch, 2 epochs.
 SHORT = [
@@ -68,7 +64,6 @@ def pointer(out: Path) -> str | None:
 
 
 def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path):
-    assert HF_PYTHON.exists(), "the Hugging Face test environment is missing: run `make test` (it builds .venv-hf)"
     out = tmp_path / "out"
     run = tune_run(out, "max_steps_per_epoch=30")
     assert run.returncode == 0, run.stderr_text[-3000:]
@@ -82,23 +77,8 @@ def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path):
     assert adapter_config["use_dora"] is False and adapter_config["task_type"] == "CAUSAL_LM"
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 32)
 
-    # The recipe's own model (torchtune modules: base weights + trained adapter) on a fixed input.
-    cfg = tiny_cfg()
-    model = config.instantiate(cfg.model)
-    base = config.instantiate(cfg.checkpointer, output_dir=str(tmp_path / "unused")).load_checkpoint()["model"]
-    model.load_state_dict(base, strict=False)
-    model.load_state_dict(final_adapter(out), strict=False)
-    tokens = torch.tensor([[857, 84, 104, 101, 678, 331, 498, 46, 405, 840, 346, 455, 331, 567, 46, 866]])
-    with torch.no_grad():
-        ours = model.eval()(tokens)
-
-    tokens_file = tmp_path / "tokens.json"
-    tokens_file.write_text(json.dumps(tokens.tolist()))
-    hf_out = tmp_path / "hf.safetensors"
-    args = [TINY, ckpt / "adapter", ckpt / "model", tokens_file, hf_out]
-    result = subprocess.run([HF_PYTHON, REPO / "tests" / "hf_logits.py", *args], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    hf = load_file(hf_out)
+    ours = recipe_logits(ckpt, tmp_path)
+    hf = hf_logits(ckpt, tmp_path)
 
     scale = ours.abs().max().item()
     tolerance = 1e-4 * scale
