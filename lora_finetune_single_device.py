@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
@@ -76,6 +76,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._keep_last_n = cfg.get("keep_last_n", None)
         self._provenance = checkpointing.provenance(cfg)
         self._gradient_accumulation_steps = cfg.get("gradient_accumulation_steps", 1)
+        self._batch_size = cfg.batch_size
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._compile = cfg.get("compile", False)
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
@@ -110,6 +111,16 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         if changes:
             log.warning(f"Resuming from {folder} with changes since it was saved: {'; '.join(changes)}")
         log.info(f"Resuming from {folder} (step {state['global_step']}).")
+        for key, now in (
+            ("batch_size", self._batch_size),
+            ("gradient_accumulation_steps", self._gradient_accumulation_steps),
+        ):
+            if state.get(key, now) != now:
+                raise UserError(
+                    f"{key} is {now} but the checkpoint in {folder} was trained with {state[key]}; resume with "
+                    f"{key}={state[key]} or start a new output_dir"
+                )
+        self.seed = training.set_seed(seed=state.get("seed", self.seed))  # the data order depends on it
         self.global_step = state["global_step"]
         self.epochs_run = state["epoch"]
         self._steps_done_in_epoch = state["steps_done_in_epoch"]
@@ -140,8 +151,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         collate_fn = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
         self._dataloader = self._setup_data(cfg.dataset, cfg.get("shuffle", True), cfg.batch_size, collate_fn)
         self._val_dataloader = None
-        if cfg.get("val_dataset", None) is not None:
-            self._val_dataloader = self._setup_data(cfg.val_dataset, False, cfg.batch_size, collate_fn)
+        cfg_val = cfg.get("val_dataset", None)  # val_dataset=null on the command line leaves only a null _component_
+        if cfg_val is not None and (isinstance(cfg_val, ListConfig) or cfg_val.get("_component_", None)):
+            self._val_dataloader = self._setup_data(cfg.val_dataset, False, cfg.batch_size, collate_fn, drop_last=False)
 
         # One optimizer step consumes gradient_accumulation_steps batches.
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
@@ -229,7 +241,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             return torch.optim.lr_scheduler.LambdaLR(self._optimizer, lambda _: 1.0)
         return config.instantiate(cfg_lr_scheduler, self._optimizer, num_training_steps=num_training_steps)
 
-    def _setup_data(self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int, collate_fn: str):
+    def _setup_data(
+        self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int, collate_fn: str, drop_last: bool = True
+    ):
         ds, packed = build_dataset(cfg_dataset, self._tokenizer, self._loss_fn.ignore_index)
         sampler = StatefulDistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
         return StatefulDataLoader(
@@ -237,7 +251,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate_for(packed, collate_fn, self._tokenizer.pad_id, self._loss_fn.ignore_index),
-            drop_last=True,
+            drop_last=drop_last,
             pin_memory=self._device.type == "cuda",
         )
 
@@ -259,6 +273,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         trained = labels != self._loss_fn.ignore_index
         hidden, labels = hidden[trained], labels[trained]  # [n, d], [n]: prompt and padding cost nothing more
         n_tokens = labels.numel()
+        if n_tokens == 0:  # nothing to learn from (e.g. prompts only): a zero that keeps the graph connected
+            return hidden.sum() * 0.0, torch.tensor(0, device=hidden.device)
         chunks = getattr(self._loss_fn, "num_output_chunks", 0)
         if chunks:  # chunked cross-entropy: logits of one chunk at a time, upcast to fp32 inside the loss
             logits = [self._output_layer(h) for h in hidden.unsqueeze(0).chunk(chunks, dim=1)]
@@ -297,7 +313,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     f"Early stopping at step {self.global_step}: no better validation loss in "
                     f"{self._evals_without_improvement} evaluations (best {self._best_val:.4f})."
                 )
-                self._stop_reason = "early stopping"
+                self._stop_reason = self._stop_reason or "early stopping"
         return val
 
     @torch.no_grad()
@@ -328,12 +344,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         if self._stop_reason == "signal":  # second Ctrl-C: leave now
             os._exit(128 + signum)
         self._stop_reason = "signal"
-        print(
-            f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
-            "(press Ctrl-C again to quit at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        # os.write, not print: a handler must not re-enter a stream that tqdm or logging may be writing to.
+        message = f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
+        os.write(2, (message + "(press Ctrl-C again to quit at once)\n").encode())
 
     def train(self) -> None:
         if self._compile:
@@ -367,7 +380,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                         continue
 
                     # One optimizer step: gradients so far are sums over tokens; make them a per-token mean.
-                    training.scale_grads(self._model, 1 / num_tokens)
+                    training.scale_grads(self._model, 1 / num_tokens.clamp(min=1))
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         self.adapter_params.values(),
                         max_norm=float(self._clip_grad_norm) if self._clip_grad_norm is not None else math.inf,
@@ -398,9 +411,11 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                         self._metric_logger.log_dict(metrics, step=self.global_step)
                     running_loss, num_tokens = 0.0, 0
 
-                    epoch_done = self._steps_done_in_epoch == self._steps_per_epoch
+                    epoch_done = self._steps_done_in_epoch >= self._steps_per_epoch
                     if epoch_done:
                         self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
+                    if self._stop_reason == "signal":  # save and leave quickly: no validation or samples now
+                        break
                     if self._run_val_every_n_steps and self.global_step % self._run_val_every_n_steps == 0:
                         self._validate()
                     if self._sample_every_n_steps and self.global_step % self._sample_every_n_steps == 0:
@@ -416,10 +431,10 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                 if self._stop_reason:
                     break
 
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
         if self.last_checkpoint is None or self.last_checkpoint.name != checkpointing.step_name(self.global_step):
             self.save_checkpoint(epoch=self.epochs_run)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         if self._stop_reason == "signal":
             log.info(f"Stopped at step {self.global_step}; resume with resume_from_checkpoint=True.")
             return
@@ -479,6 +494,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             lambda path: torch.save(
                 {
                     "global_step": self.global_step,
+                    "seed": self.seed,
+                    "batch_size": self._batch_size,
+                    "gradient_accumulation_steps": self._gradient_accumulation_steps,
                     "epoch": epoch,
                     "steps_done_in_epoch": self._steps_done_in_epoch,
                     "samples_consumed_in_epoch": self._steps_done_in_epoch

@@ -63,6 +63,8 @@ def overrides(model_dir: Path, model: str, device: str, steps: int, batch: int, 
         "dataset.source=json",
         f"dataset.data_files={TINY}/data/train.json",
         "dataset.packed=True",
+        "val_dataset=null",  # no validation or sample answers in a speed measurement
+        "sample_prompts=[]",
         f"dataset.train_on_input={flags.get('train_on_input', True)}",
         f"batch_size={batch}",
         "gradient_accumulation_steps=1",

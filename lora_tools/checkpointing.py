@@ -56,10 +56,13 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder, or None when there is none."""
     root = Path(output_dir) / CHECKPOINTS
     pointer = root / POINTER
-    if not pointer.is_file():
-        return None
-    folder = root / pointer.read_text().strip()
-    return folder if (folder / RECIPE_STATE).is_file() else None
+    if pointer.is_file():
+        folder = root / pointer.read_text().strip()
+        if (folder / RECIPE_STATE).is_file():
+            return folder
+    # No pointer, or it names a folder that is gone: the newest complete folder (published folders are complete).
+    complete = sorted(p for p in root.glob("step_*") if (p / RECIPE_STATE).is_file())
+    return complete[-1] if complete else None
 
 
 def _fsync(path: Path) -> None:
@@ -113,9 +116,12 @@ class CheckpointWriter:
         _fsync(pointer_tmp)
         os.replace(pointer_tmp, self.root / POINTER)
         _fsync(self.root)
+        for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         if keep_last_n:
-            steps = sorted(p for p in self.root.glob("step_*") if p.is_dir() and p != self.final)
-            for old in steps[: max(0, len(steps) - (keep_last_n - 1))]:
+            # Only older steps rotate out (a higher-numbered folder from an earlier run is not this run's to delete).
+            older = sorted(p for p in self.root.glob("step_*") if p.is_dir() and p.name < self.final.name)
+            for old in older[: max(0, len(older) - (keep_last_n - 1))]:
                 shutil.rmtree(old)
         return self.final
 

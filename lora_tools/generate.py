@@ -20,7 +20,7 @@ from torchtune import config, training, utils
 from torchtune.data import AlpacaToMessages, Message
 from torchtune.modules.common_utils import local_kv_cache
 
-from lora_tools import checkpointing
+from lora_tools import checkpointing, preflight
 from lora_tools.errors import UserError
 from lora_tools.launch import fail, load_config
 
@@ -29,10 +29,17 @@ log = utils.get_logger("INFO")
 
 def load_model(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> torch.nn.Module:
     """The config's model with base weights + the checkpoint's adapter (or the merged weights), in eval mode."""
-    device, dtype = utils.get_device(cfg.device), training.get_dtype(cfg.dtype)
+    preflight.check_device(cfg)
+    preflight.check_model_files(cfg)
+    device = utils.get_device(cfg.device)
+    dtype = training.get_dtype(cfg.dtype, device=device)
     checkpoint = checkpoint or checkpointing.latest_checkpoint(cfg.output_dir)
     if checkpoint is None:
         raise UserError(f"no checkpoint under {cfg.output_dir}/checkpoints; train first or pass --checkpoint")
+    needed = checkpoint / ("model/model.safetensors" if merged else checkpointing.RECIPE_STATE)
+    if not needed.is_file():
+        hint = " (it was saved with save_adapter_weights_only; drop --merged)" if merged else ""
+        raise UserError(f"{needed} does not exist{hint}; pass a checkpoints/step_N folder with --checkpoint")
     ckpt_cfg = OmegaConf.merge(cfg.checkpointer, {"output_dir": str(Path(cfg.output_dir) / "generate")})
     if merged:
         ckpt_cfg = OmegaConf.merge(ckpt_cfg, {"checkpoint_dir": str(checkpoint / "model")})
@@ -106,7 +113,7 @@ def log_samples(metric_logger, step: int, rows: list[tuple[str, str]]) -> None:
         import wandb
 
         table = wandb.Table(columns=["step", "prompt", "answer"], data=[[step, p, a] for p, a in rows])
-        wandb.log({"samples": table}, step=step)
+        wandb.log({"samples": table, "global_step": step})  # torchtune's WandBLogger steps by global_step too
         return
     for prompt, answer in rows:
         log.info(f"sample at step {step} | {prompt!r} -> {answer!r}")

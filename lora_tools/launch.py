@@ -11,6 +11,7 @@ import functools
 import sys
 from collections.abc import Callable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torchtune.config._parse import TuneRecipeArgumentParser
@@ -58,7 +59,9 @@ def load_config(argv: list[str], description: str = "") -> DictConfig:
         cfg = _merge_yaml_and_cli_args(yaml_args, cli_args)
     except FileNotFoundError:
         raise UserError(f"config file not found: {config_file} (run from the repository root, or pass a valid path)")
-    except (ValueError, OmegaConfBaseException) as e:
+    except IsADirectoryError:
+        raise UserError(f"--config {config_file} is a folder; pass a YAML file")
+    except (ValueError, OmegaConfBaseException, yaml.YAMLError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{config_file}: {first_line}")
     check_required_keys(cfg, config_file)

@@ -103,10 +103,11 @@ def _rows(path: Path) -> list:
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number == 1:  # neither a JSON document nor JSON lines
-                    e = whole_file_error
-                raise UserError(f"dataset file {path} is not valid JSON (line {e.lineno}: {e.msg}); fix the file")
+            except json.JSONDecodeError as line_error:
+                # Line 1 bad too: neither a JSON document nor JSON lines, so report the whole-file error.
+                bad = whole_file_error if number == 1 else line_error
+                where = bad.lineno if number == 1 else number
+                raise UserError(f"dataset file {path} is not valid JSON (line {where}: {bad.msg}); fix the file")
         return rows
 
 

@@ -170,3 +170,14 @@ def test_keep_last_n_rotates_old_checkpoints(tmp_path):
     assert run.returncode == 0, run.stderr_text[-3000:]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["latest", "step_0000018", "step_0000020"]
+
+
+def test_resume_with_a_different_batch_size_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    first = tune_run(out, "max_steps_per_epoch=3", "run_val_every_n_steps=null", "~sample_prompts")
+    assert first.returncode == 0, first.stderr_text[-3000:]
+    resumed = tune_run(out, "max_steps_per_epoch=6", "resume_from_checkpoint=True", "batch_size=4")
+    assert resumed.returncode == 2, resumed.stderr_text[-3000:]
+    assert "Traceback" not in resumed.stdout_text + resumed.stderr_text
+    assert "error: batch_size is 4 but the checkpoint" in resumed.stderr_text
+    assert "batch_size=8" in resumed.stderr_text

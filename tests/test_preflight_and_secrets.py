@@ -83,6 +83,13 @@ def test_unparseable_dataset_file(tmp_path):
     assert_fails_in_one_line(result, out, str(bad), "not valid JSON")
 
 
+def test_bad_json_lines_row_names_its_line(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "input": ""\n')
+    result, out = run_tiny(tmp_path, f"dataset.data_files={bad}")
+    assert_fails_in_one_line(result, out, str(bad), "not valid JSON (line 2")
+
+
 def test_dataset_row_missing_a_field(tmp_path):
     bad = tmp_path / "rows.json"
     rows = [{"instruction": "a", "input": "", "output": "b"}] * 2 + [{"instruction": "c", "input": ""}]

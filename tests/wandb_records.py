@@ -49,6 +49,7 @@ def history(path: Path) -> dict[int, dict]:
         if record.WhichOneof("record_type") != "history":
             continue
         row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-        step = int(row.get("_step", record.history.step.num))
+        # torchtune's WandBLogger records the training step as "global_step" (W&B's own _step counts log calls).
+        step = int(row.get("global_step", row.get("_step", record.history.step.num)))
         out.setdefault(step, {}).update(row)
     return out
