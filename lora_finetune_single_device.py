@@ -5,13 +5,16 @@ Launch from the repository root:
     tune run lora_finetune_single_device.py --config lora_finetune_single_device.yaml [key=value ...]
 
 The class below implements torchtune's FTRecipeInterface; its methods read in the order they run:
-__init__ -> setup (load_checkpoint, _setup_model, _setup_optimizer, _setup_data, _setup_lr_scheduler,
+__init__ -> setup (load_checkpoint, _setup_model, optimizer, _setup_data, _setup_lr_scheduler,
 _setup_profiler) -> train (-> save_checkpoint) -> cleanup. Every component comes from the YAML config via
 ``config.instantiate``.
 
 Checkpoints (every ``save_every_n_steps``, at the end, and on SIGINT/SIGTERM) go to output_dir/checkpoints/
 step_N/ with the PEFT adapter and the merged Hugging Face model in separate subfolders and everything needed
 to resume exactly; ``resume_from_checkpoint: True`` continues from the newest one (see lora_tools.checkpointing).
+
+lora_finetune_distributed.py runs this same class on every process of a torchrun job: the few steps that
+change when the model is sharded are small methods here (under "One process") that it overrides.
 """
 
 import json
@@ -41,7 +44,8 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from lora_tools import checkpointing
-from lora_tools.data import build_dataset, collate_for
+from lora_tools.adapter_init import initial_adapter_weights
+from lora_tools.data import EvalShard, build_dataset, collate_for
 from lora_tools.errors import UserError
 from lora_tools.generate import greedy, log_samples, prompt_tokens, uses_alpaca
 from lora_tools.launch import recipe_main
@@ -62,6 +66,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         if self._dtype == torch.float16:
             raise UserError("dtype fp16 is not supported: use dtype=bf16 (GPU) or dtype=fp32 (CPU)")
         self._output_dir = cfg.output_dir
+        # (1, 0) here; under torchrun (the distributed recipe), the number of processes and this one's rank.
+        self._world_size, self._rank = utils.get_world_size_and_rank()
+        self._is_main = self._rank == 0
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False)
 
@@ -111,14 +118,15 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         if changes:
             log.warning(f"Resuming from {folder} with changes since it was saved: {'; '.join(changes)}")
         log.info(f"Resuming from {folder} (step {state['global_step']}).")
-        for key, now in (
-            ("batch_size", self._batch_size),
-            ("gradient_accumulation_steps", self._gradient_accumulation_steps),
+        for key, now, how in (
+            ("batch_size", self._batch_size, f"batch_size={state.get('batch_size')}"),
+            ("gradient_accumulation_steps", self._gradient_accumulation_steps, "the same value"),
+            ("world_size", self._world_size, f"{state.get('world_size')} processes (tune run --nproc_per_node N)"),
         ):
             if state.get(key, now) != now:
                 raise UserError(
                     f"{key} is {now} but the checkpoint in {folder} was trained with {state[key]}; resume with "
-                    f"{key}={state[key]} or start a new output_dir"
+                    f"{how} or start a new output_dir"
                 )
         self.seed = training.set_seed(seed=state.get("seed", self.seed))  # the data order depends on it
         self.global_step = state["global_step"]
@@ -130,9 +138,6 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         return checkpoint_dict
 
     def setup(self, cfg: DictConfig) -> None:
-        self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._metric_logger.log_config(cfg)
-
         checkpoint_dict = self.load_checkpoint(cfg_checkpointer=cfg.checkpointer)
         resume = checkpoint_dict.get("resume_state")
         self._model = self._setup_model(
@@ -141,19 +146,19 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             lora_weights_state_dict=resume["adapter"] if resume else None,
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._optimizer = self._setup_optimizer(
-            cfg_optimizer=cfg.optimizer, opt_state_dict=resume["optimizer"] if resume else None
-        )
+        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
+        if resume:
+            self._load_optimizer_state(resume["optimizer"])
         self._loss_fn = config.instantiate(cfg.loss)
         if self._compile:
             self._loss_fn = training.compile_loss(self._loss_fn)
 
         collate_fn = cfg.get("collate_fn", "torchtune.data.padded_collate_sft")
-        self._dataloader = self._setup_data(cfg.dataset, cfg.get("shuffle", True), cfg.batch_size, collate_fn)
+        self._dataloader = self._setup_data(cfg.dataset, cfg.batch_size, collate_fn, shuffle=cfg.get("shuffle", True))
         self._val_dataloader = None
         cfg_val = cfg.get("val_dataset", None)  # val_dataset=null on the command line leaves only a null _component_
         if cfg_val is not None and (isinstance(cfg_val, ListConfig) or cfg_val.get("_component_", None)):
-            self._val_dataloader = self._setup_data(cfg.val_dataset, False, cfg.batch_size, collate_fn, drop_last=False)
+            self._val_dataloader = self._setup_data(cfg.val_dataset, cfg.batch_size, collate_fn, evaluation=True)
 
         # One optimizer step consumes gradient_accumulation_steps batches.
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
@@ -172,7 +177,11 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             # Building the scheduler reset the optimizer's lr to step 0's value; put back the resumed step's lr.
             for group, lr in zip(self._optimizer.param_groups, self._lr_scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
-            checkpointing.set_rng_state(resume["rng"])  # last, after everything above that draws random numbers
+            # Last, after everything above that draws random numbers. One state per rank.
+            checkpointing.set_rng_state(resume["rng"][self._rank % len(resume["rng"])])
+        # Last: a mistake found above leaves nothing in output_dir.
+        self._metric_logger = self._setup_metric_logger(cfg.metric_logger)
+        self._metric_logger.log_config(cfg)
         self._profiler = self._setup_profiler(cfg.get("profiler", None))
 
     def _setup_model(
@@ -181,7 +190,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         base_model_state_dict: dict[str, Any],
         lora_weights_state_dict: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
-        with training.set_default_dtype(self._dtype), self._device:
+        with training.set_default_dtype(self._dtype), self._model_init_device():
             model = config.instantiate(cfg_model)
 
         self._lora_rank = cfg_model.lora_rank
@@ -190,23 +199,27 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._apply_lora_to_mlp = cfg_model.get("apply_lora_to_mlp", False)
         self._apply_lora_to_output = cfg_model.get("apply_lora_to_output", False)
         self._lora_dropout = cfg_model.get("lora_dropout", 0.0)
-        self.adapter_params = get_adapter_params(model)
-        set_trainable_params(model, self.adapter_params)
+        set_trainable_params(model, get_adapter_params(model))
+        # A fresh adapter is drawn from the seed alone (see lora_tools.adapter_init) and loaded like a resumed
+        # one. Drawn here, before wrappers (compile, checkpointing, sharding) change parameter names and shapes.
+        resuming = lora_weights_state_dict is not None
+        if not resuming:
+            lora_weights_state_dict = initial_adapter_weights(get_adapter_params(model), self.seed)
 
         if self._compile:
             training.compile_model(model)
         if self._enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        self._shard_model(model)
 
-        base_missing, base_unexpected = model.load_state_dict(base_model_state_dict, strict=False)
+        base_missing, base_unexpected = self._load_weights(model, base_model_state_dict)
+        lora_missing, lora_unexpected = self._load_weights(model, lora_weights_state_dict)
+        self.adapter_params = get_adapter_params(model)  # after loading: sharding and loading replace parameters
         self._is_dora = any("magnitude" in k for k in self.adapter_params)
-        if self._is_dora:  # DoRA magnitudes start from the base weights
+        if self._is_dora and not resuming:  # DoRA magnitudes start from the base weights
             for m in model.modules():
                 if hasattr(m, "initialize_dora_magnitude"):
                     m.initialize_dora_magnitude()
-        lora_missing, lora_unexpected = None, None
-        if lora_weights_state_dict:
-            lora_missing, lora_unexpected = model.load_state_dict(lora_weights_state_dict, strict=False)
         validate_missing_and_unexpected_for_lora(
             lora_attn_modules=self._lora_attn_modules,
             apply_lora_to_mlp=self._apply_lora_to_mlp,
@@ -216,6 +229,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             lora_missing=lora_missing,
             lora_unexpected=lora_unexpected,
         )
+        training.validate_no_params_on_meta_device(model)
         training.validate_expected_param_dtype(self.adapter_params.items(), dtype=self._dtype)
         self._activations_ctx = training.get_act_offloading_ctx_manager(model, self._enable_activation_offloading)
         # The output layer (a 128k-wide matmul, most of a step's cost at small scale) runs in _loss_step on the
@@ -229,29 +243,30 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         log.info(f"Model ready on {self._device.type} in {self._dtype}: {n_train:,} of {n_all:,} parameters train.")
         return model
 
-    def _setup_optimizer(self, cfg_optimizer: DictConfig, opt_state_dict: dict | None = None):
-        trainable = [p for p in self._model.parameters() if p.requires_grad]
-        optimizer = config.instantiate(cfg_optimizer, trainable)
-        if opt_state_dict:
-            optimizer.load_state_dict(opt_state_dict)
-        return optimizer
-
     def _setup_lr_scheduler(self, cfg_lr_scheduler: DictConfig | None, num_training_steps: int):
         if cfg_lr_scheduler is None:  # constant learning rate
             return torch.optim.lr_scheduler.LambdaLR(self._optimizer, lambda _: 1.0)
         return config.instantiate(cfg_lr_scheduler, self._optimizer, num_training_steps=num_training_steps)
 
     def _setup_data(
-        self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int, collate_fn: str, drop_last: bool = True
+        self, cfg_dataset: DictConfig, batch_size: int, collate_fn: str, shuffle: bool = False, evaluation: bool = False
     ):
+        """Training: each step's batch is ``batch_size x processes`` samples of one seeded shuffle, so any number of
+        processes takes the same steps. Evaluation: every sample once, in order, split across processes."""
         ds, packed = build_dataset(cfg_dataset, self._tokenizer, self._loss_fn.ignore_index)
-        sampler = StatefulDistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
+        if evaluation:
+            ds = EvalShard(ds, self._rank, self._world_size, self._loss_fn.ignore_index)
+            sampler = StatefulDistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)
+        else:
+            sampler = StatefulDistributedSampler(
+                ds, num_replicas=self._world_size, rank=self._rank, shuffle=shuffle, seed=self.seed, drop_last=True
+            )
         return StatefulDataLoader(
             dataset=ds,
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate_for(packed, collate_fn, self._tokenizer.pad_id, self._loss_fn.ignore_index),
-            drop_last=drop_last,
+            drop_last=not evaluation,
             pin_memory=self._device.type == "cuda",
         )
 
@@ -295,7 +310,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             loss_sum, n_tokens = self._loss_step(batch)
             total, n = total + loss_sum, n + n_tokens
         self._model.train()
-        return (total / n).item()
+        return (self._sum_over_ranks(total) / self._sum_over_ranks(n)).item()
 
     def _validate(self) -> float | None:
         """Validation loss at the current step: logged, remembered, and checked for early stopping."""
@@ -367,6 +382,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     initial=self._steps_done_in_epoch,
                     desc=f"epoch {curr_epoch + 1}",
                     dynamic_ncols=True,
+                    disable=not self._is_main,
                 )
                 running_loss, num_tokens = 0.0, 0
                 t0 = time.perf_counter()
@@ -379,12 +395,11 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     if (idx + 1) % self._gradient_accumulation_steps != 0:
                         continue
 
-                    # One optimizer step: gradients so far are sums over tokens; make them a per-token mean.
-                    training.scale_grads(self._model, 1 / num_tokens.clamp(min=1))
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        self.adapter_params.values(),
-                        max_norm=float(self._clip_grad_norm) if self._clip_grad_norm is not None else math.inf,
-                    )
+                    # One optimizer step: gradients so far are sums over this process's tokens. FSDP averages
+                    # them over processes; scaling by processes / all tokens makes them the per-token mean.
+                    running_loss, num_tokens = self._sum_over_ranks(running_loss), self._sum_over_ranks(num_tokens)
+                    training.scale_grads(self._model, self._world_size / num_tokens.clamp(min=1))
+                    grad_norm = self._clip_grad_norm_()
                     self._optimizer.step()
                     self._optimizer.zero_grad(set_to_none=True)
                     self._lr_scheduler.step()
@@ -414,7 +429,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     epoch_done = self._steps_done_in_epoch >= self._steps_per_epoch
                     if epoch_done:
                         self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
-                    if self._stop_reason == "signal":  # save and leave quickly: no validation or samples now
+                    if self._sum_over_ranks(torch.tensor(int(self._stop_reason == "signal"))):  # any process
+                        self._stop_reason = "signal"  # save and leave quickly: no validation or samples now
                         break
                     if self._run_val_every_n_steps and self.global_step % self._run_val_every_n_steps == 0:
                         self._validate()
@@ -447,6 +463,18 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         and the recipe state for an exact resume; then point checkpoints/latest at it. Atomic: see checkpointing.
         """
         t0 = time.perf_counter()
+        # Collected on every process (collectives when sharded), written by the first only.
+        state_dict = self._full_state_dict()
+        optimizer_state = self._optimizer_state()
+        rng_states = self._rng_states()
+        folder = checkpointing.checkpoint_folder(self._output_dir, self.global_step)
+        if self._is_main:
+            folder = self._write_checkpoint(state_dict, optimizer_state, rng_states, epoch)
+        self._barrier()  # nobody moves on (or resumes) before the checkpoint is complete
+        self.last_checkpoint = folder
+        log.info(f"Step {self.global_step} checkpoint saved to {folder} in {time.perf_counter() - t0:.1f}s.")
+
+    def _write_checkpoint(self, state_dict, optimizer_state, rng_states, epoch: int):
         hf = self._checkpointer._config  # the base model's config.json
         heads = dict(
             num_heads=hf["num_attention_heads"],
@@ -454,8 +482,6 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             dim=hf["hidden_size"],
             head_dim=hf.get("head_dim", None),
         )
-        # A copy, always: merging LoRA writes into these tensors, and on CPU .cpu() would return the live weights.
-        state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()}
         adapter = get_adapter_state_dict(state_dict)
         writer = checkpointing.CheckpointWriter(self._output_dir, self.global_step)
 
@@ -497,29 +523,71 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     "seed": self.seed,
                     "batch_size": self._batch_size,
                     "gradient_accumulation_steps": self._gradient_accumulation_steps,
+                    "world_size": self._world_size,
                     "epoch": epoch,
                     "steps_done_in_epoch": self._steps_done_in_epoch,
                     "samples_consumed_in_epoch": self._steps_done_in_epoch
                     * self._dataloader.batch_size
-                    * self._gradient_accumulation_steps,
+                    * self._gradient_accumulation_steps
+                    * self._world_size,
                     "adapter": adapter,
-                    "optimizer": self._optimizer.state_dict(),
+                    "optimizer": optimizer_state,
                     "lr_scheduler": self._lr_scheduler.state_dict(),
-                    "rng": checkpointing.rng_state(),
+                    "rng": rng_states,
                     "first_step_loss": self.first_step_loss,
                 },
                 path,
             ),
         )
         writer.write_json(checkpointing.PROVENANCE, self._provenance)
-        self.last_checkpoint = writer.publish(keep_last_n=self._keep_last_n)
-        log.info(
-            f"Step {self.global_step} checkpoint saved to {self.last_checkpoint} in {time.perf_counter() - t0:.1f}s."
-        )
+        return writer.publish(keep_last_n=self._keep_last_n)
 
     def _base_model_name(self) -> str:
         """The Hub id recorded at download time (original_repo_id.json), else the base model's folder."""
         return self._checkpointer.repo_id or str(self._checkpointer._checkpoint_dir.resolve())
+
+    # ---- One process. lora_finetune_distributed.py overrides these for a model sharded over several. ----
+
+    def _model_init_device(self) -> torch.device:
+        """Where the model is built: directly on the training device."""
+        return self._device
+
+    def _shard_model(self, model: torch.nn.Module) -> None:
+        """Nothing to shard with one process."""
+
+    def _load_weights(self, model: torch.nn.Module, state_dict: dict[str, Any]):
+        """Load full tensors (base weights, or an adapter) into the model; returns (missing, unexpected) keys."""
+        return model.load_state_dict(state_dict, strict=False)
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """A sum over processes: with one, the value itself."""
+        return value
+
+    def _clip_grad_norm_(self) -> torch.Tensor:
+        """Clip the adapter's gradients (when clip_grad_norm is set) and return their total norm."""
+        max_norm = float(self._clip_grad_norm) if self._clip_grad_norm is not None else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.adapter_params.values(), max_norm=max_norm)
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight as a full CPU tensor. A copy, always: merging LoRA writes into these tensors, and on
+        CPU .cpu() would return the live weights."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        return self._optimizer.state_dict()
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state)
+
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """The random number generators' states, one entry per process."""
+        return [checkpointing.rng_state()]
+
+    def _barrier(self) -> None:
+        """Wait for every process: with one, nothing to wait for."""
+
+    def _setup_metric_logger(self, cfg_metric_logger: DictConfig):
+        return config.instantiate(cfg_metric_logger)
 
     def cleanup(self) -> None:
         self._metric_logger.close()

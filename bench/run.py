@@ -3,6 +3,7 @@ transformers + peft + TRL's SFTTrainer, on one machine.
 
     python -m bench.run                                   # CPU, small Llama-3.2 shape with the real 128k vocabulary
     python -m bench.run --device cuda --model 3b          # GPU, Llama-3.2-3B's exact shape, bf16, packed 2048
+    python -m bench.run --stacks ours,ours-fsdp           # the distributed recipe as one torchrun process
 
 Every stack trains the same LoRA (the shipped config's rank, targets, optimizer and schedule) on the same random
 model and the same tokenized samples packed to the same length, launched as users launch it (`tune run ...`;
@@ -33,7 +34,11 @@ SHAPES = {
 COMMON_SHAPE = dict(max_seq_len=131_072, norm_eps=1e-5, rope_base=500_000, scale_factor=32)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 LORA_RANK = 64
-RECIPES = {"ours": "lora_finetune_single_device.py", "torchtune": "lora_finetune_single_device"}
+RECIPES = {
+    "ours": ["lora_finetune_single_device.py"],
+    "ours-fsdp": ["--nproc_per_node", "1", "lora_finetune_distributed.py"],  # FSDP2 + NCCL/gloo, one process
+    "torchtune": ["lora_finetune_single_device"],
+}
 HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
 
 
@@ -108,7 +113,7 @@ def command(stack: str, args: list[str], trl_args: list[str]) -> list[str]:
     """How a user launches each stack."""
     if stack == "trl":
         return [str(HF_PYTHON), str(REPO / "bench" / "trl_sft.py"), *trl_args]
-    tune = [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPES[stack]]
+    tune = [sys.executable, "-m", "torchtune._cli.tune", "run", *RECIPES[stack]]
     return [*tune, "--config", "lora_finetune_single_device.yaml", *args]
 
 
@@ -183,7 +188,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=sorted(SHAPES), default=None, help="default: small on cpu, 3b on cuda")
-    parser.add_argument("--stacks", default="ours,torchtune,trl", help="comma-separated: ours, torchtune, trl")
+    parser.add_argument(
+        "--stacks", default="ours,torchtune,trl", help="comma-separated: ours, ours-fsdp, torchtune, trl"
+    )
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 12 on cpu, 20 on cuda)")
     parser.add_argument("--batch", type=int, default=None, help="packed rows per step (default 2 cpu, 4 cuda)")
     parser.add_argument("--seq", type=int, default=None, help="packed row length (default 512 cpu, 2048 cuda)")

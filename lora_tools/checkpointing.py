@@ -52,6 +52,10 @@ def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def checkpoint_folder(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / step_name(step)
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder, or None when there is none."""
     root = Path(output_dir) / CHECKPOINTS
@@ -77,8 +81,8 @@ class CheckpointWriter:
     """Collects a checkpoint's files in a temporary folder, then publishes it atomically."""
 
     def __init__(self, output_dir: str | os.PathLike, step: int):
-        self.root = Path(output_dir) / CHECKPOINTS
-        self.final = self.root / step_name(step)
+        self.final = checkpoint_folder(output_dir, step)
+        self.root = self.final.parent
         self.tmp = self.root / f".tmp-{step_name(step)}"
         self._crash = os.environ.get(CRASH_ENV) == str(step)
         self._written = 0

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
 from torchtune import config
@@ -35,6 +36,33 @@ class NextTokenLabels(Dataset):
         labels = list(sample["labels"])
         sample["labels"] = labels[1:] + [self._ignore_index]
         return sample
+
+
+class EvalShard(Dataset):
+    """One process's share of an evaluation set: samples ``rank, rank + world_size, ...``.
+
+    Shares differ by at most one sample; the shorter ones end with a copy of sample 0 whose labels are all
+    ignored, so every process runs the same number of forward passes (FSDP needs all of them in each one) and
+    the summed loss and token count are those of the whole set, each sample once.
+    """
+
+    def __init__(self, ds: Dataset, rank: int, world_size: int, ignore_index: int):
+        self._ds, self._rank, self._world_size, self._ignore_index = ds, rank, world_size, ignore_index
+
+    def __len__(self) -> int:
+        return -(-len(self._ds) // self._world_size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        position = index * self._world_size + self._rank
+        if position < len(self._ds):
+            return self._ds[position]
+        filler = dict(self._ds[0])
+        labels = filler["labels"]  # a list, or a tensor when packed
+        if torch.is_tensor(labels):
+            filler["labels"] = torch.full_like(labels, self._ignore_index)
+        else:
+            filler["labels"] = [self._ignore_index] * len(labels)
+        return filler
 
 
 def build_dataset(cfg_dataset: DictConfig | ListConfig, tokenizer, ignore_index: int) -> tuple[Dataset, bool]:

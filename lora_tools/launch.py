@@ -8,6 +8,7 @@ reports errors.
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -41,8 +42,12 @@ REQUIRED_KEYS = (
 
 
 def fail(message: str) -> int:
-    """Print one error line and return the exit status for user errors."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """Print one error line and return the exit status for user errors.
+
+    Under torchrun every process finds the same mistake; only the first one prints it.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 
 

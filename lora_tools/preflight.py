@@ -64,6 +64,12 @@ def check_device(cfg: DictConfig) -> None:
             "device is cuda but no CUDA GPU is visible to PyTorch; pass device=cpu dtype=fp32, "
             "or try the workflow on a CPU with configs/tiny.yaml (make demo)"
         )
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun: processes on this machine
+    if device.startswith("cuda") and processes > torch.cuda.device_count():
+        raise UserError(
+            f"--nproc_per_node {processes} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+            "start one process per GPU (--nproc_per_node <= the number of GPUs)"
+        )
     if str(cfg.dtype) == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise UserError(f"dtype bf16 is not supported by {torch.cuda.get_device_name()}; pass dtype=fp32")
     on_cuda = device.startswith("cuda")

@@ -6,11 +6,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+
+from lora_tools.checkpointing import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -103,3 +106,46 @@ def hf_logits(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     result = subprocess.run([HF_PYTHON, REPO / "tests" / "hf_logits.py", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(out)
+
+
+def tune_run(out: Path, *overrides, env=None, wait=True, nproc: int | None = None, torchrun_args=()):
+    """`tune run` of the tiny config into ``out``: the single-device recipe, or with ``nproc`` the distributed
+    one on that many CPU processes. Returns the Popen, finished (with stdout_text/stderr_text) unless wait=False."""
+    if nproc is None:
+        cmd = [TUNE, "run", "lora_finetune_single_device.py"]
+    else:
+        cmd = [TUNE, "run", *torchrun_args, "--nproc_per_node", str(nproc), "lora_finetune_distributed.py"]
+    cmd += ["--config", "configs/tiny.yaml", f"output_dir={out}", *overrides]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env or offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=600)
+    proc.stdout_text, proc.stderr_text = stdout, stderr
+    return proc
+
+
+def losses(out: Path, filename: str) -> dict[int, float]:
+    steps = logged_metrics(out, filename)
+    return {s: m["loss"] for s, m in steps.items() if "loss" in m}
+
+
+def final_adapter(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(latest_checkpoint(out) / "recipe_state.pt", weights_only=False)["adapter"]
+
+
+def wait_for(predicate, timeout=300, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before the condition held")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def pointer(out: Path) -> str | None:
+    path = out / "checkpoints" / "latest"
+    return path.read_text().strip() if path.is_file() else None

@@ -2,15 +2,22 @@
 
 import json
 import signal
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO, TINY, TUNE, hf_logits, logged_metrics, offline_env, recipe_logits
+from conftest import (
+    TINY,
+    final_adapter,
+    hf_logits,
+    latest_checkpoint,
+    losses,
+    offline_env,
+    pointer,
+    recipe_logits,
+    tune_run,
+    wait_for,
+)
 
-from lora_tools.checkpointing import CRASH_ENV, latest_checkpoint
+from lora_tools.checkpointing import CRASH_ENV
 
 # A short run: 160 samples, batch 8, accumulation 2 -> 10 optimizer steps per epoch, 2 epochs.
 SHORT = [
@@ -20,44 +27,6 @@ SHORT = [
     "epochs=2",
     "lr_scheduler.num_warmup_steps=4",
 ]
-
-
-def tune_run(out: Path, *overrides, env=None, wait=True):
-    cmd = [TUNE, "run", "lora_finetune_single_device.py", "--config", "configs/tiny.yaml", f"output_dir={out}"]
-    cmd += list(overrides)
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env or offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    if not wait:
-        return proc
-    stdout, stderr = proc.communicate(timeout=600)
-    proc.stdout_text, proc.stderr_text = stdout, stderr
-    return proc
-
-
-def losses(out: Path, filename: str) -> dict[int, float]:
-    steps = logged_metrics(out, filename)
-    return {s: m["loss"] for s, m in steps.items() if "loss" in m}
-
-
-def final_adapter(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(latest_checkpoint(out) / "recipe_state.pt", weights_only=False)["adapter"]
-
-
-def wait_for(predicate, timeout=300, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"run ended (status {proc.returncode}) before the condition held")
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
-def pointer(out: Path) -> str | None:
-    path = out / "checkpoints" / "latest"
-    return path.read_text().strip() if path.is_file() else None
 
 
 # --- outputs load everywhere ------------------------------------------------------------------------------------
