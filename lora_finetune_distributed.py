@@ -100,7 +100,10 @@ class LoRAFinetuneRecipeDistributed(LoRAFinetuneRecipeSingleDevice):
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full CPU tensors on the first process (an empty dict on the others)."""
-        return training.gather_cpu_state_dict(self._model, self._is_main, device=self._device)
+        state = training.gather_cpu_state_dict(self._model, self._is_main, device=self._device)
+        if self._device.type == "cpu":  # one process on the CPU gets its live weights back: merging would alter them
+            state = {k: v.clone() for k, v in state.items()}
+        return state
 
     def _optimizer_state(self) -> dict:
         return training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_main, self._device)

@@ -44,8 +44,8 @@ def uninterrupted(tmp_path_factory):
     return root / "single", root / "multi", multi
 
 
-def test_two_processes_train_exactly_as_one_device(uninterrupted):
-    single, multi, run = uninterrupted
+def assert_same_training(single: Path, multi: Path) -> None:
+    """Per-step losses, validation losses and token counts to 1e-4; the final adapter to 1e-5."""
     for key in ("loss", "val_loss", "trained_tokens"):
         want, got = per_step(single, "log.txt", key), per_step(multi, "log.txt", key)
         assert sorted(got) == sorted(want) and want, key
@@ -59,6 +59,11 @@ def test_two_processes_train_exactly_as_one_device(uninterrupted):
         assert (want[name] - got[name]).abs().max().item() <= 1e-5, name
     assert max(got[n].abs().max().item() for n in got if "lora_b" in n) > 1e-3  # the adapter did train
 
+
+def test_two_processes_train_exactly_as_one_device(uninterrupted):
+    single, multi, run = uninterrupted
+    assert_same_training(single, multi)
+
     # Same outputs as one device: checkpoint layout, a single log (from the first process), the summary once.
     ckpt = latest_checkpoint(multi)
     assert ckpt.name == "step_0000020"
@@ -66,6 +71,14 @@ def test_two_processes_train_exactly_as_one_device(uninterrupted):
     assert layout == sorted(str(p.relative_to(latest_checkpoint(single))) for p in latest_checkpoint(single).rglob("*"))
     assert len(list((multi / "logs").iterdir())) == 1
     assert run.stdout_text.count("held-out loss:") == 1
+
+
+def test_one_process_under_torchrun_trains_exactly_as_one_device(uninterrupted, tmp_path):
+    """FSDP2 with a single shard: checkpoints written mid-run must not touch the weights being trained."""
+    single, _, _ = uninterrupted
+    run = tune_run(tmp_path / "one", *COMMON, *ONE_DEVICE, "metric_logger.filename=log.txt", nproc=1)
+    assert run.returncode == 0, run.stderr_text[-3000:]
+    assert_same_training(single, tmp_path / "one")
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
