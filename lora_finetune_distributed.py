@@ -26,6 +26,7 @@ weights after its forward and gathers them again for backward: less memory, more
 import logging
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -49,13 +50,9 @@ class LoRAFinetuneRecipeDistributed(LoRAFinetuneRecipeSingleDevice):
         self._fsdp_cpu_offload = cfg.get("fsdp_cpu_offload", False)
         self._reshard_after_forward = cfg.get("fsdp_reshard_after_forward", True)
         if not self._is_main:
-            log.setLevel(logging.WARNING)  # one copy of the log, from the first process
-        # The data order comes from the seed: every process must use the first one's (it differs when seed is
-        # null). set_seed then seeds each process's generators with seed + rank, as torchtune does.
-        seed = [self.seed]
-        dist.broadcast_object_list(seed, src=0)
-        if seed[0] != self.seed:
-            self.seed = training.set_seed(seed=seed[0])
+            log.setLevel(logging.ERROR)  # one copy of the log and its warnings, from the first process
+        # self.seed is the same on every process (torchtune's set_seed shares the first one's when seed is null),
+        # so all shuffle the data alike; each seeds its own generators with seed + rank (lora_dropout differs).
 
     def _model_init_device(self) -> torch.device:
         """Build on ``meta``: shapes only. Real tensors arrive shard by shard in _load_weights."""
@@ -88,6 +85,13 @@ class LoRAFinetuneRecipeDistributed(LoRAFinetuneRecipeSingleDevice):
         return training.load_from_full_model_state_dict(
             model, state_dict, self._device, strict=False, cpu_offload=self._fsdp_cpu_offload
         )
+
+    def _logits(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Sample generation: every process continues with the first one's logits, so all pick the same tokens
+        and run the same number of forward passes (each one gathers weights from all of them)."""
+        logits = super()._logits(tokens, **kwargs)
+        dist.broadcast(logits, src=0)
+        return logits
 
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.to(self._device, copy=True)
@@ -144,7 +148,9 @@ def main(cfg: DictConfig) -> None:
             "lora_finetune_distributed.py --config ... (for one GPU, use lora_finetune_single_device.py)"
         )
     device_type = torch.device(cfg.device).type
-    dist.init_process_group(backend=training.get_distributed_backend(device_type, cfg.get("fsdp_cpu_offload", False)))
+    backend = training.get_distributed_backend(device_type, cfg.get("fsdp_cpu_offload", False))
+    # 30 minutes (NCCL's default is 10): the others wait while the first process writes a merged model to disk.
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     try:
         if dist.get_rank() == 0:
             config.log_config(recipe_name="LoRAFinetuneRecipeDistributed", cfg=cfg)

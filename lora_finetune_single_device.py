@@ -99,6 +99,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         # Data position inside the current epoch, in optimizer steps (non-zero only when resuming mid-epoch).
         self._steps_done_in_epoch = 0
         self._stop_reason: str | None = None  # "signal" or "early stopping": finish the step, save, stop
+        self._signal_seen = False  # set by the handler; becomes a stop only where all processes check it together
         self.last_checkpoint = None
 
     def load_checkpoint(self, cfg_checkpointer: DictConfig) -> dict[str, Any]:
@@ -118,6 +119,12 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         if changes:
             log.warning(f"Resuming from {folder} with changes since it was saved: {'; '.join(changes)}")
         log.info(f"Resuming from {folder} (step {state['global_step']}).")
+        written_by = state.get("recipe", type(self).__name__)
+        if written_by != type(self).__name__:
+            raise UserError(
+                f"the checkpoint in {folder} was written by {written_by}; resume it with that recipe "
+                f"(their optimizer states differ), or start a new output_dir"
+            )
         for key, now, how in (
             ("batch_size", self._batch_size, f"batch_size={state.get('batch_size')}"),
             ("gradient_accumulation_steps", self._gradient_accumulation_steps, "the same value"),
@@ -133,6 +140,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self.epochs_run = state["epoch"]
         self._steps_done_in_epoch = state["steps_done_in_epoch"]
         self.first_step_loss = state.get("first_step_loss")
+        self._best_val = state.get("best_val", self._best_val)
+        self._evals_without_improvement = state.get("evals_without_improvement", 0)
         self.last_checkpoint = folder
         checkpoint_dict["resume_state"] = state
         return checkpoint_dict
@@ -177,8 +186,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             # Building the scheduler reset the optimizer's lr to step 0's value; put back the resumed step's lr.
             for group, lr in zip(self._optimizer.param_groups, self._lr_scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
-            # Last, after everything above that draws random numbers. One state per rank.
-            checkpointing.set_rng_state(resume["rng"][self._rank % len(resume["rng"])])
+            # Last, after everything above that draws random numbers. One state per process (a dict before).
+            rng = resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]]
+            checkpointing.set_rng_state(rng[self._rank % len(rng)])
         # Last: a mistake found above leaves nothing in output_dir.
         self._metric_logger = self._setup_metric_logger(cfg.metric_logger)
         self._metric_logger.log_config(cfg)
@@ -251,8 +261,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
     def _setup_data(
         self, cfg_dataset: DictConfig, batch_size: int, collate_fn: str, shuffle: bool = False, evaluation: bool = False
     ):
-        """Training: each step's batch is ``batch_size x processes`` samples of one seeded shuffle, so any number of
-        processes takes the same steps. Evaluation: every sample once, in order, split across processes."""
+        """Training: a batch is ``batch_size x processes`` consecutive samples of one seeded shuffle, each process
+        taking its share, so keeping that product gives the same batches for any number of processes.
+        Evaluation: every sample once, in order, split across processes."""
         ds, packed = build_dataset(cfg_dataset, self._tokenizer, self._loss_fn.ignore_index)
         if evaluation:
             ds = EvalShard(ds, self._rank, self._world_size, self._loss_fn.ignore_index)
@@ -340,7 +351,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         rows = []
         for prompt in self._sample_prompts:
             tokens = prompt_tokens(self._tokenizer, prompt, self._alpaca_prompts)
-            ids = list(greedy(self._model, tokens, max_new_tokens, self._tokenizer.stop_tokens, self._logits))
+            stop = self._tokenizer.stop_tokens
+            ids = list(greedy(self._model, tokens, max_new_tokens, stop, self._logits, device=self._device))
             rows.append((prompt, self._tokenizer.decode(ids)))
         self._model.train()
         log_samples(self._metric_logger, self.global_step, rows)
@@ -356,12 +368,14 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
     def _on_stop_signal(self, signum, frame) -> None:
-        if self._stop_reason == "signal":  # second Ctrl-C: leave now
-            os._exit(128 + signum)
-        self._stop_reason = "signal"
-        # os.write, not print: a handler must not re-enter a stream that tqdm or logging may be writing to.
-        message = f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
-        os.write(2, (message + "(press Ctrl-C again to quit at once)\n").encode())
+        if self._signal_seen:
+            if signum == signal.SIGINT:  # a second Ctrl-C: leave now (a repeated SIGTERM, as torchrun sends, waits)
+                os._exit(128 + signum)
+            return
+        self._signal_seen = True
+        if self._is_main:  # os.write, not print: a handler must not re-enter a stream tqdm or logging may be using
+            message = f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
+            os.write(2, (message + "(press Ctrl-C again to quit at once)\n").encode())
 
     def train(self) -> None:
         if self._compile:
@@ -429,7 +443,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     epoch_done = self._steps_done_in_epoch >= self._steps_per_epoch
                     if epoch_done:
                         self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
-                    if self._sum_over_ranks(torch.tensor(int(self._stop_reason == "signal"))):  # any process
+                    # A signal seen by any process stops all of them, here and only here, so that every process
+                    # takes the same path (and the same collectives) from now on.
+                    if self._sum_over_ranks(torch.tensor(int(self._signal_seen))):
                         self._stop_reason = "signal"  # save and leave quickly: no validation or samples now
                         break
                     if self._run_val_every_n_steps and self.global_step % self._run_val_every_n_steps == 0:
@@ -535,6 +551,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     "lr_scheduler": self._lr_scheduler.state_dict(),
                     "rng": rng_states,
                     "first_step_loss": self.first_step_loss,
+                    "best_val": self._best_val,
+                    "evals_without_improvement": self._evals_without_improvement,
+                    "recipe": type(self).__name__,
                 },
                 path,
             ),

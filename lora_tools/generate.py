@@ -82,27 +82,31 @@ def uses_alpaca(cfg: DictConfig) -> bool:
 
 
 @torch.no_grad()
-def greedy(model, tokens: list[int], max_new_tokens: int, stop_tokens: list[int], forward=None) -> Iterator[int]:
+def greedy(
+    model, tokens: list[int], max_new_tokens: int, stop_tokens: list[int], forward=None, device=None
+) -> Iterator[int]:
     """Yield greedily chosen tokens one by one, with a KV cache that exists only during the call.
 
     ``forward`` maps (tokens, input_pos, mask) to logits; the default is the model itself (the training recipe
-    passes its own, since its model stops at the final norm).
+    passes its own, since its model stops at the final norm). ``device``: where the model computes, when its
+    parameters live elsewhere (FSDP's CPU offload); the default is the parameters' device.
     """
     forward = forward or model
     param = next(model.parameters())
+    device = device or param.device
     total = len(tokens) + max_new_tokens
-    causal = torch.tril(torch.ones(total, total, dtype=torch.bool, device=param.device))
-    positions = torch.arange(total, device=param.device)
-    with local_kv_cache(model, batch_size=1, device=param.device, dtype=param.dtype, decoder_max_seq_len=total):
+    causal = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))
+    positions = torch.arange(total, device=device)
+    with local_kv_cache(model, batch_size=1, device=device, dtype=param.dtype, decoder_max_seq_len=total):
         n = len(tokens)
-        step_input = torch.tensor([tokens], device=param.device)
+        step_input = torch.tensor([tokens], device=device)
         logits = forward(step_input, input_pos=positions[None, :n], mask=causal[None, :n])
         for _ in range(max_new_tokens):
             token = int(logits[0, -1].argmax())
             if token in stop_tokens:
                 return
             yield token
-            step_input = torch.tensor([[token]], device=param.device)
+            step_input = torch.tensor([[token]], device=device)
             logits = forward(step_input, input_pos=positions[None, n : n + 1], mask=causal[None, n : n + 1])
             n += 1
 

@@ -44,9 +44,9 @@ REQUIRED_KEYS = (
 def fail(message: str) -> int:
     """Print one error line and return the exit status for user errors.
 
-    Under torchrun every process finds the same mistake; only the first one prints it.
+    Under torchrun every process finds the same mistake; the first one on each machine prints it.
     """
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 from conftest import TINY, ln_vocab, logged_metrics, tiny_vocab_size, tune
 
 
@@ -37,7 +38,17 @@ def test_tiny_demo_teaches_the_task(tmp_path):
     assert f"{ckpt}/adapter" in result.stdout and f"{ckpt}/model" in result.stdout
 
 
-def test_shipped_3b_config_runs_two_steps_on_cpu(tmp_path):
+SHIPPED_3B = {
+    "single_device": (["lora_finetune_single_device.py"], "lora_finetune_single_device.yaml"),
+    "distributed_2_processes": (
+        ["--nproc_per_node", "2", "lora_finetune_distributed.py"],
+        "configs/llama3_2_3b_lora_distributed.yaml",
+    ),
+}
+
+
+@pytest.mark.parametrize("launch", SHIPPED_3B.values(), ids=SHIPPED_3B.keys())
+def test_shipped_3b_config_runs_two_steps_on_cpu(tmp_path, launch):
     """Only model size, checkpoint, tokenizer, dataset source and device-level settings are overridden."""
     out = tmp_path / "out"
     overrides = [
@@ -70,7 +81,8 @@ def test_shipped_3b_config_runs_two_steps_on_cpu(tmp_path):
         "max_steps_per_epoch=2",
         f"output_dir={out}",
     ]
-    result = tune("run", "lora_finetune_single_device.py", "--config", "lora_finetune_single_device.yaml", *overrides)
+    recipe, config = launch
+    result = tune("run", *recipe, "--config", config, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = {s: m for s, m in logged_metrics(out).items() if "loss" in m}
     assert sorted(steps) == [1, 2]
