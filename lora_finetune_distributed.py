@@ -13,8 +13,9 @@ are the same. What differs:
 - Processes: torchrun starts them; NCCL connects them on CUDA, gloo on the CPU.
 - Model: built on the ``meta`` device (no memory), sharded layer by layer with FSDP2 (``fully_shard``); each
   process then holds 1/N of every weight and gathers a layer's full weights only while it computes.
-- Data: each optimizer step takes ``batch_size x N`` samples of one seeded shuffle, a different
-  ``batch_size`` on each process, so the same global batch trains the same steps as one device would.
+- Data: each micro-batch is ``batch_size x N`` consecutive samples of one seeded shuffle, ``batch_size`` on
+  each process, so the same global batch (``batch_size x gradient_accumulation_steps x N``) trains the same
+  steps as one device would.
 - Loss: token counts and loss sums are added over processes before the mean, as on one device.
 - Checkpoints: full tensors are gathered to the first process, which writes them; the others wait.
 
