@@ -126,9 +126,13 @@ def tune_run(out: Path, *overrides, env=None, wait=True, nproc: int | None = Non
     return proc
 
 
+def per_step(out: Path, filename: str, key: str) -> dict[int, float]:
+    """One logged metric by step, for the steps that logged it."""
+    return {step: m[key] for step, m in logged_metrics(out, filename).items() if key in m}
+
+
 def losses(out: Path, filename: str) -> dict[int, float]:
-    steps = logged_metrics(out, filename)
-    return {s: m["loss"] for s, m in steps.items() if "loss" in m}
+    return per_step(out, filename, "loss")
 
 
 def final_adapter(out: Path) -> dict[str, torch.Tensor]:

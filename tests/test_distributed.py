@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TORCHAO_NOTICE, final_adapter, latest_checkpoint, logged_metrics, pointer, tune_run, wait_for
+from conftest import TORCHAO_NOTICE, final_adapter, latest_checkpoint, per_step, pointer, tune_run, wait_for
 
 # 165 training samples (odd: the split across processes drops one, as one device's last partial batch does),
 # a global batch of 8 as 2 micro-batches, 20 optimizer steps over 2 epochs, 37 held-out samples (odd: one
@@ -27,10 +27,6 @@ COMMON = [
 ]
 ONE_DEVICE = ["batch_size=4"]  # 4 x 2 micro-batches = 8
 TWO_PROCESSES = ["batch_size=2"]  # 2 x 2 micro-batches x 2 processes = 8
-
-
-def per_step(out: Path, filename: str, key: str) -> dict[int, float]:
-    return {step: m[key] for step, m in logged_metrics(out, filename).items() if key in m}
 
 
 @pytest.fixture(scope="module")
