@@ -7,6 +7,7 @@ makes a packed batch train on exactly the same (token, label) pairs as the unpac
 loss use the labels as they come, packed or not.
 """
 
+import importlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -92,4 +93,5 @@ def collate_for(packed: bool, collate_fn: str, pad_id: int, ignore_index: int) -
     """Packed rows are already padded; unpacked samples are padded to the longest in the batch."""
     if packed:
         return padded_collate_packed
-    return partial(config._utils._get_component_from_path(collate_fn), padding_idx=pad_id, ignore_idx=ignore_index)
+    module, _, name = collate_fn.rpartition(".")
+    return partial(getattr(importlib.import_module(module), name), padding_idx=pad_id, ignore_idx=ignore_index)

@@ -30,10 +30,28 @@ import regex
 import torch
 from safetensors.torch import save_file
 
-# Same pre-tokenisation pattern as Llama 3 (torchtune's CL100K_PATTERN), so our vocabulary matches the
-# pieces the real tokenizer will cut text into.
-from torchtune.models.llama3._tokenizer import CL100K_PATTERN, LLAMA3_SPECIAL_TOKENS
 
+# Llama 3's pre-tokenisation pattern (the one its tiktoken tokenizer splits text with), so our vocabulary
+# matches the pieces the real tokenizer will cut text into.
+CL100K_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama 3's special tokens in id order: these 13, then reserved tokens 2 to 244 (256 in all).
+LLAMA3_FIRST_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+    "<|video|>",
+]
 SEED = 1234
 MODEL = dict(  # torchtune llama3_2 component-builder arguments; configs/tiny.yaml repeats them
     num_layers=4,
@@ -189,13 +207,10 @@ def build_bpe_ranks(texts: list[str]) -> dict[bytes, int]:
 
 
 def special_tokens(base_vocab: int) -> dict[str, int]:
-    """Llama 3's 256 special tokens, renumbered to follow our base vocabulary (Llama 3 starts at 128000)."""
-    out = {}
-    for name, llama_id in LLAMA3_SPECIAL_TOKENS.items():
-        offset = 11 if name == "<|image|>" else llama_id - 128000  # <|image|> sits outside the 256 in Llama
-        out[name] = base_vocab + offset
-    assert sorted(out.values()) == list(range(base_vocab, base_vocab + 256))
-    return out
+    """Llama 3's 256 special tokens, same names and order, numbered to follow our base vocabulary (Llama 3's
+    start at 128000; its <|image|> sits at 128256, here in the slot it would otherwise leave empty)."""
+    names = LLAMA3_FIRST_SPECIAL_TOKENS + [f"<|reserved_special_token_{i}|>" for i in range(2, 245)]
+    return {name: base_vocab + i for i, name in enumerate(names)}
 
 
 # --- the model -----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lora_tools.checkpointing import latest_checkpoint
+from lora_tools.checkpoints import latest_checkpoint, load_recipe_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -89,7 +89,7 @@ def recipe_logits(checkpoint: Path, tmp_path: Path, **overrides) -> torch.Tensor
     model = config.instantiate(cfg.model)
     base = config.instantiate(cfg.checkpointer, output_dir=str(tmp_path / "unused")).load_checkpoint()["model"]
     model.load_state_dict(base, strict=False)
-    adapter = torch.load(checkpoint / "recipe_state.pt", weights_only=False)["adapter"]
+    adapter = load_recipe_state(checkpoint)["adapter"]
     model.load_state_dict(adapter, strict=False)
     with torch.no_grad():
         return model.eval()(torch.tensor(PROBE_TOKENS)).float()
@@ -136,7 +136,7 @@ def losses(out: Path, filename: str) -> dict[int, float]:
 
 
 def final_adapter(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(latest_checkpoint(out) / "recipe_state.pt", weights_only=False)["adapter"]
+    return load_recipe_state(latest_checkpoint(out))["adapter"]
 
 
 def wait_for(predicate, timeout=300, proc=None):

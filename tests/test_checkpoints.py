@@ -2,9 +2,12 @@
 
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
 from conftest import (
+    REPO,
     TINY,
     final_adapter,
     hf_logits,
@@ -17,7 +20,7 @@ from conftest import (
     wait_for,
 )
 
-from lora_tools.checkpointing import CRASH_ENV
+from wandb_records import history, run_id
 
 # A short run: 160 samples, batch 8, accumulation 2 -> 10 optimizer steps per epoch, 2 epochs.
 SHORT = [
@@ -89,44 +92,72 @@ def test_resume_after_sigkill_is_exact(tmp_path, max_steps):
         assert (want[name] - got[name]).abs().max().item() <= 1e-6, name
 
 
-def test_sigterm_saves_the_last_completed_step_and_exits_zero(tmp_path):
+def test_sigterm_saves_adapter_and_resume_state_first_and_the_resumed_wandb_run_continues(tmp_path):
+    """A stop writes the adapter and the resume state only (seconds even for 3B); the merged model comes at the
+    end of the run. The resumed run continues the same (offline) W&B run: same id, steps going on."""
     out = tmp_path / "out"
-    proc = tune_run(out, "max_steps_per_epoch=null", "metric_logger.filename=log.txt", wait=False)
-    log_file = out / "logs" / "log.txt"
-    wait_for(lambda: log_file.is_file() and log_file.read_text().count("loss:") >= 3, proc=proc)
+    wandb_logger = ["metric_logger._component_=torchtune.training.metric_logging.WandBLogger", "save_every_n_steps=2"]
+    proc = tune_run(out, "max_steps_per_epoch=40", *wandb_logger, wait=False)
+    wait_for(lambda: pointer(out) == "step_0000002", proc=proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stdout + stderr
-    last_step = max(losses(out, "log.txt"))
-    assert last_step < 250  # stopped early (a full epoch is 250 steps)
-    ckpt = latest_checkpoint(out)
-    assert ckpt is not None and ckpt.name == f"step_{last_step:07d}"
+    stopped = latest_checkpoint(out)
+    last_step = int(stopped.name.removeprefix("step_"))
+    assert 2 <= last_step < 40  # stopped early
+    assert sorted(p.name for p in stopped.iterdir()) == ["adapter", "provenance.json", "recipe_state.pt"]
+    assert (stopped / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(out.rglob("model.safetensors"))  # no merged model yet, anywhere
 
-    # Resumable: a resumed run continues at the next step, and says what changed since the checkpoint.
+    resumed = tune_run(out, "max_steps_per_epoch=40", *wandb_logger, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr_text[-3000:]
+    final = latest_checkpoint(out)
+    assert final.name == "step_0000040" and (final / "model" / "model.safetensors").is_file()
+    assert [p.parent.parent.name for p in out.rglob("model.safetensors")] == ["step_0000040"]
+
+    first_run, second_run = sorted(out.rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    assert run_id(first_run) == run_id(second_run) is not None
+    first_steps = {s for s, m in history(first_run).items() if "loss" in m}
+    second_steps = {s for s, m in history(second_run).items() if "loss" in m}
+    assert max(first_steps) == last_step and sorted(second_steps) == list(range(last_step + 1, 41))
+
+
+def test_latest_pointer_lost_resumes_this_runs_newest_checkpoint(tmp_path):
+    """A run to step 20, then a fresh run to step 8 in the same output_dir: with ``latest`` deleted, resume
+    takes step 8 (this run's), not the earlier run's step 20."""
+    out = tmp_path / "out"
+    common = [*SHORT, "max_steps_per_epoch=null", "save_every_n_steps=4", "run_val_every_n_steps=null"]
+    first = tune_run(out, *common, "metric_logger.filename=log_first.txt")
+    assert first.returncode == 0, first.stderr_text[-3000:]
+    assert pointer(out) == "step_0000020"
+    fresh = tune_run(out, *common, "epochs=1", "max_steps_per_epoch=8", "metric_logger.filename=log_fresh.txt")
+    assert fresh.returncode == 0, fresh.stderr_text[-3000:]
+    (aside,) = out.glob("checkpoints-before-*")  # the earlier run's checkpoints, kept, out of the way
+    assert (aside / "step_0000020" / "recipe_state.pt").is_file()
+    (out / "checkpoints" / "latest").unlink()
+    assert latest_checkpoint(out).name == "step_0000008"
     resumed = tune_run(
-        out,
-        f"max_steps_per_epoch={last_step + 2}",
-        "resume_from_checkpoint=True",
-        "metric_logger.filename=resumed.txt",
+        out, *common, "epochs=1", "max_steps_per_epoch=10", "allow_schedule_change=True", "resume_from_checkpoint=True",
+        "metric_logger.filename=log_resumed.txt",
     )
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
-    assert sorted(losses(out, "resumed.txt")) == [last_step + 1, last_step + 2]
-    warning = [ln for ln in (resumed.stdout_text + resumed.stderr_text).splitlines() if "changes since" in ln]
-    assert len(warning) == 1 and "max_steps_per_epoch" in warning[0] and "metric_logger.filename" in warning[0]
+    assert sorted(losses(out, "log_resumed.txt")) == [9, 10]
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     out = tmp_path / "out"
-    common = [*SHORT, "max_steps_per_epoch=null", "save_every_n_steps=3"]
-    crashed = tune_run(out, *common, "metric_logger.filename=log_first.txt", env=offline_env(**{CRASH_ENV: "6"}))
+    common = ["--config", "configs/tiny.yaml", f"output_dir={out}", *SHORT, "max_steps_per_epoch=null"]
+    common += ["save_every_n_steps=3"]
+    cmd = [sys.executable, str(REPO / "tests" / "crash_during_save.py"), "6", *common]
+    crashed = subprocess.run(cmd + ["metric_logger.filename=log_first.txt"], cwd=REPO, env=offline_env())
     assert crashed.returncode == -signal.SIGKILL
     assert pointer(out) == "step_0000003"
     partial = out / "checkpoints" / ".tmp-step_0000006"
     assert partial.is_dir() and len([p for p in partial.rglob("*") if p.is_file()]) == 1  # killed after 1 file
     assert not (out / "checkpoints" / "step_0000006").exists()
 
-    resumed = tune_run(out, *common, "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt")
+    resumed = tune_run(out, *common[3:], "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt")
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
     assert sorted(losses(out, "log_resumed.txt")) == list(range(4, 21))
     assert pointer(out) == "step_0000020"

@@ -165,7 +165,7 @@ def test_a_single_device_checkpoint_is_not_resumed_by_the_distributed_recipe(uni
     run = tune_run(out, *COMMON, *ONE_DEVICE, "resume_from_checkpoint=True", "epochs=3", nproc=1)
     assert run.returncode != 0
     errors = [ln for ln in run.stderr_text.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "written by LoRAFinetuneRecipeSingleDevice" in errors[0], run.stderr_text[-3000:]
+    assert len(errors) == 1 and "written by the one-device recipe" in errors[0], run.stderr_text[-3000:]
     assert pointer(out) == "step_0000020"
 
 

@@ -9,9 +9,9 @@ import torch
 from conftest import REPO, hf_logits, logged_metrics, offline_env, recipe_logits, tiny_cfg, tune
 from torchao.dtypes.nf4tensor import NF4Tensor
 
-from lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
-from lora_tools.checkpointing import latest_checkpoint
-from lora_tools.generate import prompt_tokens
+from lora_finetune_single_device import LoRAFinetuneRecipe
+from lora_tools.checkpoints import latest_checkpoint
+from lora_tools.inference import prompt_tokens
 
 
 def run_tiny(out, *overrides):
@@ -64,7 +64,7 @@ def test_dora_adapter_loads_in_peft_with_the_recipes_logits(tmp_path):
 
 def test_qlora_on_the_tiny_model(tmp_path):
     cfg = tiny_cfg(output_dir=str(tmp_path / "out"), max_steps_per_epoch=40, **{"model.quantize_base": True})
-    recipe = LoRAFinetuneRecipeSingleDevice(cfg)
+    recipe = LoRAFinetuneRecipe(cfg)
     recipe.setup(cfg)
     frozen = [m for name, m in recipe._model.named_modules() if name.endswith(("q_proj", "v_proj", "w1", "w2", "w3"))]
     assert frozen and all(isinstance(m.weight, NF4Tensor) for m in frozen)
@@ -90,16 +90,17 @@ def test_generate_returns_the_argmax_tokens_of_the_recipes_model(tmp_path):
     (ids_line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("token ids:")]
     generated = [int(t) for t in ids_line.split(":", 1)[1].split()]
 
-    # The recipe itself, resumed from the same checkpoint, and a plain argmax loop without any cache.
+    # The recipe's model resumed from the same checkpoint, through torchtune's own full forward (all positions,
+    # no KV cache): a plain argmax loop.
     cfg = tiny_cfg(output_dir=str(out), resume_from_checkpoint=True)
-    recipe = LoRAFinetuneRecipeSingleDevice(cfg)
+    recipe = LoRAFinetuneRecipe(cfg)
     recipe.setup(cfg)
     recipe._model.eval()
     tokens = prompt_tokens(recipe._tokenizer, prompt, alpaca=True)
     expected = []
     with torch.no_grad():
         for _ in range(24):
-            token = int(recipe._logits(torch.tensor([tokens + expected]))[0, -1].argmax())
+            token = int(recipe._model(torch.tensor([tokens + expected]))[0, -1].argmax())
             if token in recipe._tokenizer.stop_tokens:
                 break
             expected.append(token)

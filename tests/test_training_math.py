@@ -7,14 +7,14 @@ import torch
 from conftest import tiny_cfg
 from torchtune import config, utils
 
-from lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
+from lora_finetune_single_device import LoRAFinetuneRecipe
 
 IGNORE = -100
 
 
 def make_recipe(tmp_path, **overrides):
     cfg = tiny_cfg(output_dir=str(tmp_path / "out"), **overrides)
-    recipe = LoRAFinetuneRecipeSingleDevice(cfg)
+    recipe = LoRAFinetuneRecipe(cfg)
     recipe.setup(cfg)
     return recipe
 
@@ -39,7 +39,7 @@ def mean_loss(recipe, dataloader) -> float:
     with torch.no_grad():
         for batch in dataloader:
             utils.batch_to_device(batch, recipe._device)
-            loss_sum, n_tokens = recipe._loss_step(batch)
+            loss_sum, n_tokens = recipe._loss(batch)
             total, n = total + loss_sum.double().item(), n + int(n_tokens)
     return total / n
 

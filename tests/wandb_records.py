@@ -53,3 +53,13 @@ def history(path: Path) -> dict[int, dict]:
         step = int(row.get("global_step", row.get("_step", record.history.step.num)))
         out.setdefault(step, {}).update(row)
     return out
+
+
+def run_id(path: Path) -> str | None:
+    """The W&B run id the file's run record names."""
+    for payload in payloads(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "run":
+            return record.run.run_id
+    return None

@@ -1,0 +1,155 @@
+"""Checkpoint layout on disk, atomic publishing, rotation, and finding the newest checkpoint.
+
+    output_dir/checkpoints/
+        step_0000050/
+            adapter/            adapter_model.safetensors + adapter_config.json  -> PeftModel.from_pretrained
+            recipe_state.pt     adapter (torchtune keys), optimizer, LR schedule, data position, RNG, step
+            provenance.json     package versions, git commit, resolved config, training-data hash
+            model/              the merged model (last checkpoint of a run, or `python -m lora_tools.export`)
+        latest                  text file naming the newest complete checkpoint folder
+
+A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed into place; only then
+is ``latest`` replaced (write + fsync + rename). A kill at any moment leaves ``latest`` on a complete checkpoint.
+The merged model and the adapter live in separate folders: transformers applies an adapter it finds next to a
+model's weights, so one folder holding both would apply the adapter twice.
+"""
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+CHECKPOINTS = "checkpoints"
+POINTER = "latest"
+RECIPE_STATE = "recipe_state.pt"
+PROVENANCE = "provenance.json"
+ADAPTER = "adapter"
+MERGED = "model"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoint_folder(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / step_name(step)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / RECIPE_STATE).is_file()
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder, or None when there is none.
+
+    ``latest`` names it. Without a usable pointer (deleted by hand, or a folder copied in), the most recently
+    written complete folder wins: the step number alone could pick a higher step left by an earlier run.
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    pointer = root / POINTER
+    if pointer.is_file():
+        folder = root / pointer.read_text().strip()
+        if is_complete(folder):
+            return folder
+    complete = [p for p in root.glob("step_*") if is_complete(p)]
+    return max(complete, key=lambda p: (p / RECIPE_STATE).stat().st_mtime_ns, default=None)
+
+
+def set_aside_earlier_run(output_dir: str | os.PathLike) -> Path | None:
+    """Move checkpoints left by an earlier run to checkpoints-before-<time>/ before a fresh run writes its own.
+
+    A fresh run then never mixes its steps with another run's: rotation, ``latest`` and resuming see only its
+    own. Returns the new folder, or None when there was nothing to move.
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = root.with_name(f"{CHECKPOINTS}-before-{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = root.with_name(f"{CHECKPOINTS}-before-{stamp}-{n}")
+    os.rename(root, aside)
+    return aside
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFolder:
+    """Files written into a hidden sibling folder, fsynced, then renamed to ``final`` in one step."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+
+    def write(self, relpath: str, writer: Callable[[Path], Any]) -> None:
+        path = self.tmp / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(path)
+        _fsync(path)
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        self.write(relpath, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+    def write_safetensors(self, relpath: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        self.write(relpath, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+
+    def copy(self, relpath: str, source: Path) -> None:
+        self.write(relpath, lambda p: shutil.copyfile(source, p))
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def rename_into_place(self) -> Path:
+        """fsync every folder, then rename. An existing ``final`` (a rerun of the same step) is renamed aside
+        first and deleted only after the new folder is in place, so no moment leaves neither."""
+        for folder in [self.tmp, *(p for p in self.tmp.rglob("*") if p.is_dir())]:
+            _fsync(folder)
+        replaced = self.final.with_name(f".replaced-{self.final.name}")
+        if self.final.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(self.final, replaced)
+        os.rename(self.tmp, self.final)
+        _fsync(self.final.parent)
+        shutil.rmtree(replaced, ignore_errors=True)
+        return self.final
+
+
+def publish(folder: AtomicFolder, keep_last_n: int | None) -> Path:
+    """Put a complete checkpoint folder in place, point ``latest`` at it, then rotate older ones out."""
+    final = folder.rename_into_place()
+    root = final.parent
+    pointer_tmp = root / f".{POINTER}.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    _fsync(pointer_tmp)
+    os.replace(pointer_tmp, root / POINTER)
+    _fsync(root)
+    for stale in [*root.glob(".tmp-step_*"), *root.glob(".replaced-step_*")]:  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last_n:
+        older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < final.name)
+        for old in older[: max(0, len(older) - (keep_last_n - 1))]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_recipe_state(folder: Path) -> dict[str, Any]:
+    """The resume state: tensors and plain Python values only, so nothing in it can run code on load."""
+    return torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=True)

@@ -1,0 +1,103 @@
+"""Answering prompts with a finetuned model: the prompt in the format it trained on, and greedy decoding.
+
+Used by the recipe (sample answers during training) and by ``python -m lora_tools.generate``; both decode
+through the same hidden-states-then-output-layer path as training (lora_tools.decoder), the output layer on
+the last position only.
+"""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune import config, training, utils
+from torchtune.data import AlpacaToMessages, Message
+from torchtune.modules.common_utils import local_kv_cache
+
+from lora_tools import checkpoints, preflight
+from lora_tools.decoder import Trunk
+from lora_tools.errors import UserError
+
+# (tokens [1, n], input_pos [1, n], mask [1, n, total]) -> logits of the last position [vocabulary]
+NextTokenLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def prompt_tokens(tokenizer, prompt: str, alpaca: bool = False) -> list[int]:
+    """Llama 3 instruct template: the user turn, then the assistant header, ready for the answer.
+
+    With ``alpaca`` the user turn is first wrapped in the alpaca instruction prompt, as the alpaca datasets
+    format every training sample, so the model sees what it was trained on.
+    """
+    if alpaca:
+        user = AlpacaToMessages()({"instruction": prompt, "input": "", "output": ""})["messages"][0]
+    else:
+        user = Message(role="user", content=prompt)
+    tokens, _ = tokenizer.tokenize_messages([user, Message(role="assistant", content="")], add_end_tokens=False)
+    return tokens
+
+
+def uses_alpaca(cfg: DictConfig) -> bool:
+    """Whether the config trains on an alpaca-format dataset (so prompts should be wrapped the same way)."""
+    datasets = cfg.dataset if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
+    return any("alpaca" in str(d.get("_component_", "")) for d in datasets)
+
+
+def last_position_logits(decoder, trunk: Trunk) -> NextTokenLogits:
+    def logits(tokens, input_pos, mask):
+        return decoder.output(trunk(tokens, input_pos=input_pos, mask=mask)[:, -1])[0]
+
+    return logits
+
+
+@torch.no_grad()
+def greedy(
+    decoder, logits: NextTokenLogits, tokens: list[int], max_new_tokens: int, stop_tokens: list[int], device
+) -> Iterator[int]:
+    """Yield greedily chosen tokens one by one, with a KV cache that exists only during the call."""
+    dtype = next(decoder.parameters()).dtype
+    total = len(tokens) + max_new_tokens
+    causal = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))
+    positions = torch.arange(total, device=device)
+    with local_kv_cache(decoder, batch_size=1, device=device, dtype=dtype, decoder_max_seq_len=total):
+        n = len(tokens)
+        next_logits = logits(torch.tensor([tokens], device=device), positions[None, :n], causal[None, :n])
+        for _ in range(max_new_tokens):
+            token = int(next_logits.argmax())
+            if token in stop_tokens:
+                return
+            yield token
+            next_logits = logits(torch.tensor([[token]], device=device), positions[None, n : n + 1], causal[None, n : n + 1])
+            n += 1
+
+
+def load_model(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> tuple[torch.nn.Module, Trunk]:
+    """The config's model with base weights + the checkpoint's adapter (or the merged weights), in eval mode."""
+    preflight.check_device(cfg)
+    preflight.check_model_files(cfg)
+    device = utils.get_device(cfg.device)
+    dtype = training.get_dtype(cfg.dtype, device=device)
+    checkpoint = checkpoint or checkpoints.latest_checkpoint(cfg.output_dir)
+    if checkpoint is None:
+        raise UserError(f"no checkpoint under {cfg.output_dir}/checkpoints; train first or pass --checkpoint")
+    needed = checkpoint / (f"{checkpoints.MERGED}/model.safetensors" if merged else checkpoints.RECIPE_STATE)
+    if not needed.is_file():
+        hint = " (write it with: python -m lora_tools.export --config ... --checkpoint ...)" if merged else ""
+        raise UserError(f"{needed} does not exist{hint}; pass a checkpoints/step_N folder with --checkpoint")
+    ckpt_cfg = OmegaConf.merge(cfg.checkpointer, {"output_dir": str(Path(cfg.output_dir) / "generate")})
+    if merged:
+        ckpt_cfg = OmegaConf.merge(ckpt_cfg, {"checkpoint_dir": str(checkpoint / checkpoints.MERGED)})
+        ckpt_cfg.checkpoint_files = ["model.safetensors"]
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(cfg.model)
+    model.load_state_dict(config.instantiate(ckpt_cfg).load_checkpoint()[training.MODEL_KEY], strict=False)
+    if merged:  # the merged weights already hold the update: make the adapters a no-op so it is not applied twice
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.data.zero_()
+        for m in model.modules():
+            if hasattr(m, "initialize_dora_magnitude"):
+                m.initialize_dora_magnitude()
+    else:
+        model.load_state_dict(checkpoints.load_recipe_state(checkpoint)["adapter"], strict=False)
+    model = model.to(device).eval()
+    return model, Trunk(model)
