@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh Linux machine with Python 3.11:
 #   make demo   # venv + pinned install + tiny assets + a LoRA finetune on the CPU (about a minute)
 #   make test   # the same environment + test tools, then the test suite
+#   make unit   # only the fast in-process tests (tests/unit), without the .venv-hf environment
 #   make bench  # speed and memory next to torchtune's recipe and TRL (not part of make test)
 # Other targets: make assets, make lint, make clean.
 
@@ -13,7 +14,7 @@ TINY   := assets/tiny
 # The demo and the tests never touch the network (model, tokenizer and data are generated locally).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: demo test bench install test-install hf-install assets lint clean
+.PHONY: demo test unit bench install test-install hf-install assets lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -42,6 +43,9 @@ demo: install assets
 
 test: test-install hf-install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q tests
+
+unit: test-install assets
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q tests/unit
 
 # CPU by default; on a GPU: make bench BENCH_ARGS="--device cuda --model 3b --variants default,ac,ac+offload"
 bench: install hf-install assets

@@ -53,7 +53,9 @@ def main(cfg: DictConfig) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     try:
         strategy = FSDP2(
-            device, cfg.get("fsdp_cpu_offload", False), reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True)
+            device,
+            cfg.get("fsdp_cpu_offload", False),
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
         )
         if strategy.is_main:
             config.log_config(recipe_name="LoRAFinetuneRecipe (FSDP2)", cfg=cfg)

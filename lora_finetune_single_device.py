@@ -20,7 +20,6 @@ lora_finetune_distributed.py runs this same class on every process of a torchrun
 import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -36,7 +35,7 @@ from torchtune.modules.peft import get_adapter_params, set_trainable_params, val
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-from lora_tools import checkpoints, hf_export, model_checks, provenance, rng, settings
+from lora_tools import checkpoints, hf_export, model_checks, provenance, report, rng, settings
 from lora_tools.adapter_init import initial_adapter_weights
 from lora_tools.data import EvalShard, build_dataset, collate_for
 from lora_tools.decoder import Trunk
@@ -133,21 +132,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         changes = provenance.changes(json.loads((folder / checkpoints.PROVENANCE).read_text()), self._provenance)
         if changes:
             log.warning(f"Resuming from {folder} with changes since it was saved: {'; '.join(changes)}")
-        if state["strategy"] != self._strategy.name:
-            raise UserError(
-                f"the checkpoint in {folder} was written by the {state['strategy']} recipe; resume it with that "
-                "recipe (their optimizer states differ), or start a new output_dir"
-            )
-        for key, now, how in (
-            ("batch_size", c.batch_size, f"batch_size={state['batch_size']}"),
-            ("gradient_accumulation_steps", c.gradient_accumulation_steps, "the same value"),
-            ("world_size", self._strategy.world_size, f"{state['world_size']} processes (--nproc_per_node N)"),
-        ):
-            if state[key] != now:
-                raise UserError(
-                    f"{key} is {now} but the checkpoint in {folder} was trained with {state[key]}; resume with "
-                    f"{how} or start a new output_dir"
-                )
+        checkpoints.check_same_geometry(
+            state, folder, self._strategy.name, c.batch_size, c.gradient_accumulation_steps, self._strategy.world_size
+        )
         log.info(f"Resuming from {folder} (step {state['global_step']}).")
         self.seed = training.set_seed(seed=state["seed"])  # the data order depends on it
         self.global_step = state["global_step"]
@@ -300,7 +287,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                     pbar.set_postfix(step=self.global_step, loss=f"{metrics.get('loss', math.nan):.4f}")
                     if self.global_step % c.log_every_n_steps == 0:
                         if c.log_peak_memory_stats:
-                            metrics.update(self._memory_stats())
+                            metrics.update(report.memory_stats(self._device))
                         self._metric_logger.log_dict(metrics, step=self.global_step)
 
                     epoch_done = self._steps_done_in_epoch >= self._steps_per_epoch
@@ -444,25 +431,13 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             ids = list(greedy(self._model, self.next_token_logits, tokens, max_new_tokens, stop, self._device))
             rows.append((prompt, self._tokenizer.decode(ids)))
         self._model.train()
-        if type(self._metric_logger).__name__ == "WandBLogger":
-            import wandb
-
-            table = wandb.Table(columns=["step", "prompt", "answer"], data=[[self.global_step, p, a] for p, a in rows])
-            wandb.log({"samples": table, "global_step": self.global_step})  # WandBLogger steps by global_step
-        elif self._strategy.is_main:
-            for prompt, answer in rows:
-                log.info(f"sample at step {self.global_step} | {prompt!r} -> {answer!r}")
+        if self._strategy.is_main:
+            report.log_samples(self._metric_logger, self.global_step, rows)
 
     def next_token_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of the last position (the output layer on that position only), the same on every process."""
         hidden = self._trunk(tokens, input_pos=input_pos, mask=mask)
         return self._strategy.shared_logits(self._head(hidden[:, -1])[0])
-
-    def _memory_stats(self) -> dict[str, float]:
-        if self._device.type == "cuda":
-            return training.get_memory_stats(device=self._device)
-        # CPU: the process's peak resident memory (Linux reports KiB).
-        return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
     def _on_stop_signal(self, signum, frame) -> None:
         if self._signal_seen:
@@ -476,7 +451,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
 
     # ---- checkpoints ----
 
-    def save_checkpoint(self, epoch: int | None = None) -> None:
+    def save_checkpoint(self) -> None:
         """Write checkpoints/step_N/ (PEFT adapter, resume state, provenance) and point ``latest`` at it.
 
         Only adapter tensors are gathered and written, so a save takes seconds even for 3B: a stop signal
@@ -490,7 +465,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             self._write_checkpoint(adapter, optimizer_state, rng_states)
         self._strategy.barrier()  # nobody moves on (or resumes) before the checkpoint is complete
         self.last_checkpoint = checkpoints.checkpoint_folder(self.cfg.output_dir, self.global_step)
-        log.info(f"Step {self.global_step} checkpoint saved to {self.last_checkpoint} in {time.perf_counter() - t0:.1f}s.")
+        log.info(
+            f"Step {self.global_step} checkpoint saved to {self.last_checkpoint} in {time.perf_counter() - t0:.1f}s."
+        )
 
     def _write_checkpoint(self, adapter, optimizer_state, rng_states) -> None:
         state = {
@@ -515,7 +492,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         folder = checkpoints.AtomicFolder(checkpoints.checkpoint_folder(self.cfg.output_dir, self.global_step))
         try:
             hf_export.write_adapter(folder, adapter, self._adapter_spec, Path(self.cfg.checkpointer.checkpoint_dir))
-            folder.write(checkpoints.RECIPE_STATE, lambda path: torch.save(state, path))
+            folder.write_torch(checkpoints.RECIPE_STATE, state)
             folder.write_json(checkpoints.PROVENANCE, self._provenance)
             checkpoints.publish(folder, keep_last_n=self.cfg.keep_last_n)
         except OSError as e:
@@ -523,10 +500,11 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             if e.errno not in checkpoints.DISK_FULL:
                 raise
             kept = checkpoints.latest_checkpoint(self.cfg.output_dir)
+            kept = f"latest is still {kept.name}" if kept else "no earlier checkpoint"
             raise UserError(
                 f"the disk filled up while writing the step {self.global_step} checkpoint under "
-                f"{self.cfg.output_dir}/checkpoints (removed; {f'latest is still {kept.name}' if kept else 'none saved'}"
-                "); free space, then rerun with resume_from_checkpoint=True"
+                f"{self.cfg.output_dir}/checkpoints (the partial folder is removed; {kept}); free space, then "
+                "rerun with resume_from_checkpoint=True"
             )
 
     def _write_merged_model(self) -> None:
@@ -544,25 +522,11 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._metric_logger.close()
 
     def summary(self) -> str:
-        """Where the outputs are, and what training did to the loss; printed at the end of a run."""
-        lines = []
-        vocab = getattr(self._model.tok_embeddings, "num_embeddings", None)
-        if self.first_step_loss is not None and vocab:
-            lines.append(
-                f"first step loss: {self.first_step_loss:.4f} (ln(vocab size {vocab}) = {math.log(vocab):.4f})"
-            )
+        """Printed at the end of a run: what training did to the loss, and where the outputs are."""
+        vocab = self._model.tok_embeddings.num_embeddings
         before, after = self.val_losses.get("before"), self.val_losses.get("after")
-        if before is not None and after is not None:
-            lines.append(
-                f"held-out loss: {before:.4f} before training, {after:.4f} after ({(after - before) / before:+.1%})"
-            )
-            lines.append(f"{'':<8}{'loss':>10}{'perplexity':>12}")
-            for name, val in (("before", before), ("after", after)):
-                lines.append(f"{name:<8}{val:>10.4f}{math.exp(val):>12.2f}")
-        lines.append(f"adapter (PEFT):    {self.last_checkpoint}/{checkpoints.ADAPTER}")
-        if self.merged_model is not None:
-            lines.append(f"merged model (HF): {self.merged_model}")
-        return "\n".join(lines)
+        adapter = self.last_checkpoint / checkpoints.ADAPTER
+        return report.summary(self.first_step_loss, vocab, before, after, adapter, self.merged_model)
 
 
 @recipe_main

@@ -2,7 +2,8 @@
 
     python wb.py            # reads WANDB_API_KEY from the environment or ./.env
 
-Exit status: 0 logged in (or W&B is set to offline/disabled), 2 no key, 1 key rejected or W&B unreachable.
+Exit status: 0 logged in (or W&B is set to offline/disabled), 2 no key, a key of the wrong shape or a malformed
+.env, 1 key rejected or W&B unreachable.
 The key is never printed. To train without network, set WANDB_MODE=offline and later run
 `wandb sync wandb/offline-run-*` to upload the runs.
 """
@@ -13,7 +14,8 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
-from lora_tools.env import load_env
+from lora_tools.env import load_env, wandb_key_shape_error
+from lora_tools.errors import UserError, fail
 
 
 def reachable(url: str, timeout: float = 5.0) -> bool:
@@ -40,7 +42,10 @@ def no_network(url: str) -> int:
 
 def main(argv=None) -> int:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
-    env_file = load_env()
+    try:
+        env_file = load_env()
+    except UserError as e:
+        return fail(str(e))
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in ("offline", "disabled"):
         print(f"W&B is {mode} (WANDB_MODE={mode}): no login needed; runs are written under ./wandb.")
@@ -50,6 +55,9 @@ def main(argv=None) -> int:
         where = f"{env_file}" if env_file else ".env (copy .env.example to .env)"
         print(f"error: WANDB_API_KEY is not set; put it in {where}, from https://wandb.ai/authorize", file=sys.stderr)
         return 2
+    error = wandb_key_shape_error(key)  # before any network: wandb would report a short key as a failed login
+    if error:
+        return fail(str(error))
 
     import wandb
 

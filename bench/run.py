@@ -10,19 +10,26 @@ model and the same tokenized samples packed to the same length, launched as user
 TRL in its own environment, .venv-hf, since peft refuses to import beside torchtune's torchao). Reported per
 run: tokens/s (median over the steps after warm-up, trained tokens only), peak memory (RSS on CPU; max allocated
 and reserved on CUDA), time from launch to the first step, final loss; on CUDA also model FLOPs utilization.
+
+Every invocation writes one result file, bench/results/<date>-<table>-<stacks>-<variants>.json (or --json PATH):
+the command line, `git rev-parse HEAD`, the date, the machine, the package versions, the settings and one row
+per training run. `python -m bench.report` builds BENCHMARKS.md's tables from those files; the file's "table"
+names the table it belongs to (--table; by default chosen from the device, stacks and train_on_input).
 """
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
+import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -40,10 +47,22 @@ RECIPES = {
     "torchtune": ["lora_finetune_single_device"],
 }
 HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
+RESULTS = REPO / "bench" / "results"
+VARIANT_FLAGS = {
+    "default": {},
+    "ac": {"ac": True},
+    "ac+offload": {"ac": True, "offload": True},
+    "nocompile": {"compile": False},
+    "nochunk": {"chunked": False},
+}
+VERSIONS = ("torch", "torchtune", "torchao", "torchdata", "datasets")
+HF_VERSIONS = ("torch", "transformers", "peft", "trl", "datasets")
 
 
 def build_model(model: str, device: str) -> Path:
     """Random weights of the chosen shape with the real 128k vocabulary, once per machine."""
+    import torch
+
     from lora_tools import tiny_assets
 
     out = REPO / "assets" / f"bench-{model}"
@@ -184,6 +203,79 @@ def flops_per_token(model: str, seq: int) -> tuple[float, dict]:
     return 4 * n + 3 * attention + 6 * n_lora, {"N": n, "A": attention, "N_lora": n_lora}
 
 
+def default_table(device: str, model: str, stacks: list[str], train_on_input: str) -> str:
+    """The BENCHMARKS.md table a run belongs to, unless --table names another."""
+    if device == "cpu":
+        return "cpu-trl" if "trl" in stacks else "cpu-train-on-input"
+    if "ours-fsdp" in stacks:
+        return "gpu-fsdp"
+    return f"gpu-{model}-train-on-input-{train_on_input}"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        run = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+def _versions(names: tuple[str, ...]) -> dict[str, str]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def result_metadata(command: str, device: str, hf_stack: bool = False) -> dict:
+    """Where a result comes from: command, commit, date, machine and package versions.
+
+    The commit is `git rev-parse HEAD`, or $BENCH_COMMIT where the tree has no .git (the lent GPU machine gets a
+    copy of the working tree without it). ``tree_dirty`` says whether tracked files differed from that commit.
+    """
+    commit = os.environ.get("BENCH_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
+    status = None if os.environ.get("BENCH_COMMIT") else _git("status", "--porcelain", "--untracked-files=no")
+    versions = {"python": platform.python_version(), **_versions(VERSIONS)}
+    if hf_stack and HF_PYTHON.exists():  # TRL runs in its own environment
+        code = f"import importlib.metadata as m, json; print(json.dumps({{n: m.version(n) for n in {HF_VERSIONS!r}}}))"
+        run = subprocess.run([str(HF_PYTHON), "-c", code], capture_output=True, text=True)
+        if run.returncode == 0:
+            versions.update({("torch (.venv-hf)" if k == "torch" else k): v for k, v in json.loads(run.stdout).items()})
+    machine = {"device": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if device == "cuda":
+        import torch
+
+        machine["device"] = torch.cuda.get_device_name()
+        machine["cpu"] = _cpu_name()
+    return {
+        "command": command,
+        "commit": commit,
+        "tree_dirty": None if status is None else bool(status),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "versions": versions,
+    }
+
+
+def result_path(results_dir: Path, date: str, table: str, stacks: list[str], variants: list[str]) -> Path:
+    stamp = re.sub(r"[^0-9T]", "", date.split("+")[0])
+    name = "-".join([stamp, table, "+".join(stacks), "+".join(variants)])
+    return results_dir / (re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".json")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -208,7 +300,10 @@ def main(argv=None) -> int:
         help="loss on prompts too (true, as the shipped config) or on responses only (false)",
     )
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the result file goes")
+    parser.add_argument("--json", type=Path, help="write the result file here instead (a file name)")
+    parser.add_argument("--table", help="the BENCHMARKS.md table the result belongs to (see bench/report.py)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     model = args.model or ("3b" if args.device == "cuda" else "small")
     steps = args.steps or (20 if args.device == "cuda" else 12)
@@ -216,39 +311,44 @@ def main(argv=None) -> int:
     seq = args.seq or (2048 if args.device == "cuda" else 512)
     model_dir = build_model(model, args.device)
     flops, counts = flops_per_token(model, seq)
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    gpu = ""
+    if args.device == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
 
-    variant_flags = {
-        "default": {},
-        "ac": {"ac": True},
-        "ac+offload": {"ac": True, "offload": True},
-        "nocompile": {"compile": False},
-        "nochunk": {"chunked": False},
-    }
     rows = []
     stacks = args.stacks.split(",")
+    variants = args.variants.split(",")
+    meta = result_metadata(shlex.join(["python", "-m", "bench.run", *argv]), args.device, hf_stack="trl" in stacks)
+    table = args.table or default_table(args.device, model, stacks, args.train_on_input)
+    settings = dict(device=args.device, model=model, stacks=stacks, variants=variants, steps=steps, batch=batch)
+    settings.update(seq=seq, repeats=args.repeats, train_on_input=args.train_on_input == "true", lora_rank=LORA_RANK)
+    result = {**meta, "table": table, "settings": settings, "flops_per_token": flops, **counts, "complete": False}
+    result_file = args.json or result_path(args.results_dir, meta["date"], table, stacks, variants)
+    result_file.parent.mkdir(parents=True, exist_ok=True)
     trl_args = []
     if "trl" in stacks:
         samples, pad_id = tokenized_samples(REPO / "outputs" / "bench", seq, args.train_on_input == "true")
         trl_args = ["--model-dir", str(model_dir), "--data", str(samples), "--steps", str(steps)]
         trl_args += ["--batch", str(batch), "--seq", str(seq), "--pad-id", str(pad_id), "--device", args.device]
-    for variant in args.variants.split(","):
+    for variant in variants:
         for repeat in range(args.repeats):
             order = stacks if repeat % 2 == 0 else stacks[::-1]
             for stack in order:
                 out = REPO / "outputs" / "bench" / f"{stack}-{variant}-{repeat}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-                flags = {**variant_flags[variant], "train_on_input": args.train_on_input == "true"}
+                flags = {**VARIANT_FLAGS[variant], "train_on_input": args.train_on_input == "true"}
                 run_args = overrides(model_dir, model, args.device, steps, batch, seq, out, **flags)
                 cmd = command(stack, run_args, [*trl_args, "--out", str(out)])
-                result = run_stack(stack, cmd, out, args.timeout)
-                if "tokens_per_second" in result and peak:
-                    result["mfu"] = result["tokens_per_second"] * flops / peak
-                rows.append({"stack": stack, "variant": variant, "repeat": repeat, **result})
+                run = run_stack(stack, cmd, out, args.timeout)
+                if "tokens_per_second" in run and peak:
+                    run["mfu"] = run["tokens_per_second"] * flops / peak
+                rows.append({"stack": stack, "variant": variant, "repeat": repeat, **run})
                 print(json.dumps(rows[-1]), flush=True)
-                if args.json:
-                    args.json.write_text(json.dumps({"rows": rows, "flops_per_token": flops, **counts}, indent=1))
+                result_file.write_text(json.dumps({**result, "rows": rows}, indent=1) + "\n")  # kept if interrupted
+    result_file.write_text(json.dumps({**result, "complete": True, "rows": rows}, indent=1) + "\n")
 
     print(
         f"\n{model} shape, {args.device}, batch {batch} x {seq} packed, {steps} steps, LoRA rank {LORA_RANK}, "
@@ -275,6 +375,7 @@ def main(argv=None) -> int:
             mem = f"{statistics.median(r['peak_rss_gib'] for r in group):.2f} GiB RSS"
         mfu = f"{group[0]['mfu']:.1%}" if "mfu" in group[0] else "-"
         print(f"| {stack} | {variant} | {tps:,.0f} | {ratio:.2f}x | {first:.1f} | {loss:.3f} | {mem} | {mfu} |")
+    print(f"\nresult file: {result_file} (table {table}; python -m bench.report puts it in BENCHMARKS.md)")
     return 0
 
 

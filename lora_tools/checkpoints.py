@@ -15,6 +15,7 @@ model's weights, so one folder holding both would apply the adapter twice.
 """
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from lora_tools.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 POINTER = "latest"
@@ -104,6 +107,13 @@ class AtomicFolder:
         writer(path)
         _fsync(path)
 
+    def write_torch(self, relpath: str, obj: Any) -> None:
+        """torch.save, serialised in memory first: torch's file writer reports a full disk as a RuntimeError
+        without its errno; a plain file write raises OSError(ENOSPC), which the recipe turns into one line."""
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        self.write(relpath, lambda p: p.write_bytes(buffer.getbuffer()))
+
     def write_json(self, relpath: str, obj: Any) -> None:
         self.write(relpath, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
@@ -153,3 +163,24 @@ def publish(folder: AtomicFolder, keep_last_n: int | None) -> Path:
 def load_recipe_state(folder: Path) -> dict[str, Any]:
     """The resume state: tensors and plain Python values only, so nothing in it can run code on load."""
     return torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=True)
+
+
+def check_same_geometry(
+    state: dict[str, Any], folder: Path, strategy: str, batch_size: int, accumulation: int, world_size: int
+) -> None:
+    """An exact resume needs the same optimizer-state layout and the same samples in every step."""
+    if state["strategy"] != strategy:
+        raise UserError(
+            f"the checkpoint in {folder} was written by the {state['strategy']} recipe; resume it with that recipe "
+            "(their optimizer states differ), or start a new output_dir"
+        )
+    for key, now, how in (
+        ("batch_size", batch_size, f"batch_size={state['batch_size']}"),
+        ("gradient_accumulation_steps", accumulation, "the same value"),
+        ("world_size", world_size, f"{state['world_size']} processes (--nproc_per_node N)"),
+    ):
+        if state[key] != now:
+            raise UserError(
+                f"{key} is {now} but the checkpoint in {folder} was trained with {state[key]}; resume with {how} "
+                "or start a new output_dir"
+            )

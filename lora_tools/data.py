@@ -1,10 +1,11 @@
 """Datasets and batches for the recipes.
 
-The one thing done differently from torchtune 0.6.1: labels are shifted to next-token targets per sample,
-before packing. torchtune's recipe shifts the whole packed row instead, so at every boundary between two
-packed samples the last token of one is trained to predict the first token of the next. Shifting first
-makes a packed batch train on exactly the same (token, label) pairs as the unpacked samples, and lets the
-loss use the labels as they come, packed or not.
+Labels are shifted to next-token targets per sample, before packing; torchtune's recipe shifts the whole packed
+row after. With torchtune's Llama 3 tokenizer each sample's first label (BOS) is masked, so on alpaca and chat
+data both ways train on the same (token, label) pairs. They differ where a sample's first label is a real
+token (text completion): there the whole-row shift also trains each packed sample's last token to predict the
+next sample's first, and the per-sample shift does not (tests/unit/test_label_shift.py shows both cases).
+Shifted labels also let the loss take the labels as they come, packed or not.
 """
 
 import importlib

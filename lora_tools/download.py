@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lora_tools.env import load_env
-from lora_tools.launch import fail
+from lora_tools.errors import UserError, fail
 
 # torchtune's checkpointer reads this file to fill adapter_config.json's base_model_name_or_path.
 REPO_ID_FILE = "original_repo_id.json"
@@ -66,7 +66,10 @@ def main(argv=None) -> int:
         help="files to skip (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    load_env()
+    try:
+        load_env()
+    except UserError as e:
+        return fail(str(e))
     has_token = bool(os.environ.get("HF_TOKEN", "").strip())
     try:
         path = download(args.repo_id, args.output_dir, args.ignore_patterns)

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from torchtune import config, training
 
-from lora_tools import checkpoints, hf_export, preflight
+from lora_tools import checkpoints, hf_export, preflight, settings
 from lora_tools.errors import UserError, fail
 from lora_tools.launch import load_config
 
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(["--config", args.config, *overrides])
+        settings.parse(cfg, args.config)  # the same typo and value checks as training
         folder = export(cfg, args.checkpoint)
     except UserError as e:
         return fail(str(e))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torchtune import config
 
+from lora_tools import settings
 from lora_tools.errors import UserError, fail
 from lora_tools.inference import greedy, last_position_logits, load_model, prompt_tokens, uses_alpaca
 from lora_tools.launch import load_config
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(["--config", args.config, *overrides])
+        settings.parse(cfg, args.config)  # the same typo and value checks as training
         tokenizer = config.instantiate(cfg.tokenizer)
         model, trunk = load_model(cfg, args.checkpoint, args.merged)
     except UserError as e:

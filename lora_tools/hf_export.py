@@ -111,8 +111,13 @@ def write_adapter(folder: AtomicFolder, adapter: dict[str, torch.Tensor], spec: 
 def merged_hf_weights(
     base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], spec: AdapterSpec, hf_config: dict
 ) -> dict[str, torch.Tensor]:
-    """Base weights (torchtune keys) with the adapter folded in, as Hugging Face keys and layout."""
-    state = {**base, **{k: v.to(base_dtype(base)) for k, v in adapter.items()}}
+    """Base weights (torchtune keys) with the adapter folded in, as Hugging Face keys and layout.
+
+    torchtune's merge adds into the weights in place: the adapted ones are copied first, so ``base`` is unchanged.
+    """
+    adapted = {k.rsplit(".lora_a.", 1)[0] + ".weight" for k in adapter if ".lora_a." in k}
+    state = {k: v.clone() if k in adapted else v for k, v in base.items()}
+    state.update({k: v.to(base_dtype(base)) for k, v in adapter.items()})
     merged = get_merged_lora_ckpt(state, rank=spec.rank, alpha=spec.alpha)
     return convert_weights.tune_to_hf(merged, **_heads(hf_config))
 

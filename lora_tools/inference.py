@@ -66,7 +66,9 @@ def greedy(
             if token in stop_tokens:
                 return
             yield token
-            next_logits = logits(torch.tensor([[token]], device=device), positions[None, n : n + 1], causal[None, n : n + 1])
+            next_logits = logits(
+                torch.tensor([[token]], device=device), positions[None, n : n + 1], causal[None, n : n + 1]
+            )
             n += 1
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from lora_tools.env import wandb_key_shape_error
 from lora_tools.errors import UserError
 
 # Fields each dataset builder reads from a row (before its column_map renames them).
@@ -87,20 +88,36 @@ def check_device(cfg: DictConfig) -> None:
             )
 
 
-def _dataset_cfgs(cfg: DictConfig) -> list[DictConfig]:
+def _dataset_cfgs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(section name, section) of every dataset: dataset and val_dataset, each a section or a list of them."""
     out = []
     for key in ("dataset", "val_dataset"):
         node = cfg.get(key, None)
-        if node is not None:
-            out.extend(node if isinstance(node, ListConfig) else [node])
+        if isinstance(node, ListConfig):
+            out.extend((f"{key}[{i}]", item) for i, item in enumerate(node))
+        elif node is not None and node.get("_component_", None) is not None:
+            out.append((key, node))
     return out
 
 
-def _rows(path: Path) -> list:
-    """Rows of a local JSON file: a JSON list, or one JSON object per line."""
-    text = path.read_text()
+def _text(path: Path) -> str:
+    """A local data file's text; not UTF-8 is one line with the byte where decoding stopped."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"dataset file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 and run again"
+        )
+
+
+def _rows(path: Path, field: str | None = None) -> list:
+    """Rows of a local JSON file: a JSON list, or one JSON object per line (``field``: the key holding the rows)."""
+    text = _text(path)
     try:
         rows = json.loads(text)
+        if field is not None and isinstance(rows, dict):
+            rows = rows.get(field, [])
         return rows if isinstance(rows, list) else [rows]
     except json.JSONDecodeError as whole_file_error:
         rows = []
@@ -118,28 +135,79 @@ def _rows(path: Path) -> list:
 
 
 def check_datasets(cfg: DictConfig) -> None:
-    for ds in _dataset_cfgs(cfg):
-        if str(ds.get("source", "")) not in LOCAL_SOURCES or ds.get("data_files", None) is None:
+    for section, ds in _dataset_cfgs(cfg):
+        source = str(ds.get("source", ""))
+        if source not in LOCAL_SOURCES or ds.get("data_files", None) is None:
             continue
         files = ds.data_files
         paths = [Path(str(p)) for p in (files if isinstance(files, ListConfig | list) else [files])]
         for path in paths:
             if not path.is_file():
-                raise UserError(f"dataset file {path} does not exist; check dataset.data_files")
-        builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
-        needed = REQUIRED_FIELDS.get(builder)
-        if ds.source != "json" or needed is None:
+                raise UserError(f"dataset file {path} does not exist; check {section}.data_files")
+            if path.stat().st_size == 0:
+                raise UserError(f"dataset file {path} is empty; add samples to it or fix {section}.data_files")
+            if source in ("json", "csv", "text"):
+                _text(path)
+        if source != "json":
             continue
-        column_map = dict(ds.get("column_map", None) or {})
-        fields = [column_map.get(f, f) for f in needed]
+        builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
         for path in paths:
-            for number, row in enumerate(_rows(path), start=1):
-                missing = [f for f in fields if not isinstance(row, dict) or f not in row]
-                if missing:
+            rows = _rows(path, ds.get("field", None))
+            if not rows:
+                raise UserError(f"dataset file {path} has no rows; add samples to it or fix {section}.data_files")
+            if builder in REQUIRED_FIELDS:
+                _check_fields(path, rows, builder, dict(ds.get("column_map", None) or {}))
+            elif builder == "chat_dataset":
+                _check_conversations(path, rows, section, ds)
+
+
+def _check_fields(path: Path, rows: list, builder: str, column_map: dict) -> None:
+    fields = [column_map.get(f, f) for f in REQUIRED_FIELDS[builder]]
+    for number, row in enumerate(rows, start=1):
+        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise UserError(
+                f"dataset file {path}, row {number}: missing field '{missing[0]}' that {builder} needs "
+                f"(each row needs {', '.join(fields)}); fix the row or set dataset.column_map"
+            )
+
+
+# chat_dataset: the keys of each message, and the roles torchtune maps, per conversation_style.
+CHAT_STYLES = {
+    "sharegpt": (("from", "value"), ("system", "human", "gpt")),
+    "openai": (("role", "content"), ("system", "user", "assistant", "ipython")),
+}
+
+
+def _check_conversations(path: Path, rows: list, section: str, ds: DictConfig) -> None:
+    """Rows of a chat_dataset file: a list of messages each, with the keys and roles its style names."""
+    column = str(ds.get("conversation_column", ""))
+    style = str(ds.get("conversation_style", ""))
+    if style not in CHAT_STYLES:
+        return  # settings.parse refuses other styles
+    (role_key, content_key), roles = CHAT_STYLES[style]
+    for number, row in enumerate(rows, start=1):
+        where = f"dataset file {path}, row {number}"
+        if not isinstance(row, dict) or column not in row:
+            raise UserError(
+                f"{where}: no '{column}' column ({section}.conversation_column); "
+                f"fix the row or set {section}.conversation_column to the column that holds the messages"
+            )
+        messages = row[column]
+        if not isinstance(messages, list):
+            raise UserError(f"{where}: '{column}' is not a list of messages; fix the row")
+        for m, message in enumerate(messages, start=1):
+            for key in (role_key, content_key):
+                if not isinstance(message, dict) or key not in message:
                     raise UserError(
-                        f"dataset file {path}, row {number}: missing field '{missing[0]}' that {builder} needs "
-                        f"(each row needs {', '.join(fields)}); fix the row or set dataset.column_map"
+                        f"{where}, message {m}: no '{key}' ({style} messages have '{role_key}' and "
+                        f"'{content_key}'); fix the row or set {section}.conversation_style"
                     )
+            if message[role_key] not in roles:
+                shown = str(message[role_key])[:30]
+                raise UserError(
+                    f"{where}, message {m}: unknown role '{shown}' ({style} roles: {', '.join(roles)}); fix the row"
+                )
 
 
 def check_wandb(cfg: DictConfig) -> None:
@@ -147,7 +215,11 @@ def check_wandb(cfg: DictConfig) -> None:
         return
     if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun"):
         return
-    if os.environ.get("WANDB_API_KEY", "").strip():
+    key = os.environ.get("WANDB_API_KEY", "").strip()
+    if key:
+        error = wandb_key_shape_error(key)  # a short key would end in wandb's traceback at the first log
+        if error:
+            raise error
         return
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text():

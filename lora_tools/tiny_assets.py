@@ -30,11 +30,11 @@ import regex
 import torch
 from safetensors.torch import save_file
 
-
 # Llama 3's pre-tokenisation pattern (the one its tiktoken tokenizer splits text with), so our vocabulary
 # matches the pieces the real tokenizer will cut text into.
 CL100K_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # Llama 3's special tokens in id order: these 13, then reserved tokens 2 to 244 (256 in all).
 LLAMA3_FIRST_SPECIAL_TOKENS = [

@@ -108,7 +108,7 @@ def hf_logits(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     return load_file(out)
 
 
-def tune_run(out: Path, *overrides, env=None, wait=True, nproc: int | None = None, torchrun_args=()):
+def tune_run(out: Path, *overrides, env=None, wait=True, nproc: int | None = None, torchrun_args=(), timeout=600):
     """`tune run` of the tiny config into ``out``: the single-device recipe, or with ``nproc`` the distributed
     one on that many CPU processes. Returns the Popen, finished (with stdout_text/stderr_text) unless wait=False."""
     if nproc is None:
@@ -121,7 +121,11 @@ def tune_run(out: Path, *overrides, env=None, wait=True, nproc: int | None = Non
     )
     if not wait:
         return proc
-    stdout, stderr = proc.communicate(timeout=600)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     proc.stdout_text, proc.stderr_text = stdout, stderr
     return proc
 

@@ -1,6 +1,7 @@
 """Issue C: outputs that load in Hugging Face transformers/peft, exact resume, clean stops, atomic checkpoints."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,6 @@ from conftest import (
     tune_run,
     wait_for,
 )
-
 from wandb_records import history, run_id
 
 # A short run: 160 samples, batch 8, accumulation 2 -> 10 optimizer steps per epoch, 2 epochs.
@@ -58,6 +58,14 @@ def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path):
     assert (hf["peft"] - ours).abs().max().item() <= tolerance
     assert (hf["merged"] - ours).abs().max().item() <= tolerance
     assert (hf["peft"] - hf["base"]).abs().max().item() > 100 * tolerance  # the adapter does change the output
+
+    # The export command writes the same merged model for a checkpoint that has none.
+    copy = tmp_path / "copy" / "step_0000030"
+    shutil.copytree(ckpt, copy, ignore=shutil.ignore_patterns("model"))
+    cmd = [sys.executable, "-m", "lora_tools.export", "--config", "configs/tiny.yaml", "--checkpoint", str(copy)]
+    export = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (copy / "model" / "model.safetensors").read_bytes() == (ckpt / "model" / "model.safetensors").read_bytes()
 
 
 # --- exact resume ------------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def test_latest_pointer_lost_resumes_this_runs_newest_checkpoint(tmp_path):
     """A run to step 20, then a fresh run to step 8 in the same output_dir: with ``latest`` deleted, resume
     takes step 8 (this run's), not the earlier run's step 20."""
     out = tmp_path / "out"
-    common = [*SHORT, "max_steps_per_epoch=null", "save_every_n_steps=4", "run_val_every_n_steps=null"]
+    common = [*SHORT, "max_steps_per_epoch=null", "save_every_n_steps=4", "val_dataset=null", "sample_prompts=[]"]
     first = tune_run(out, *common, "metric_logger.filename=log_first.txt")
     assert first.returncode == 0, first.stderr_text[-3000:]
     assert pointer(out) == "step_0000020"
@@ -137,12 +145,11 @@ def test_latest_pointer_lost_resumes_this_runs_newest_checkpoint(tmp_path):
     assert (aside / "step_0000020" / "recipe_state.pt").is_file()
     (out / "checkpoints" / "latest").unlink()
     assert latest_checkpoint(out).name == "step_0000008"
-    resumed = tune_run(
-        out, *common, "epochs=1", "max_steps_per_epoch=10", "allow_schedule_change=True", "resume_from_checkpoint=True",
-        "metric_logger.filename=log_resumed.txt",
-    )
+    # The fresh run ended its one epoch at step 8; a second epoch continues from there (a longer schedule).
+    again = ["max_steps_per_epoch=8", "allow_schedule_change=True", "resume_from_checkpoint=True"]
+    resumed = tune_run(out, *common, *again, "metric_logger.filename=log_resumed.txt")
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
-    assert sorted(losses(out, "log_resumed.txt")) == [9, 10]
+    assert sorted(losses(out, "log_resumed.txt")) == list(range(9, 17))
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """Issue F: the FSDP2 recipe on 2 CPU processes (gloo) trains exactly as one device does, and resumes exactly
 after one of its processes is killed."""
 
+import json
 import os
 import shutil
 import signal
@@ -9,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TORCHAO_NOTICE, final_adapter, latest_checkpoint, per_step, pointer, tune_run, wait_for
+from conftest import TINY, TORCHAO_NOTICE, final_adapter, latest_checkpoint, per_step, pointer, tune_run, wait_for
+
+from lora_tools.tiny_assets import THINGS
 
 # 165 training samples (odd: the split across processes drops one, as one device's last partial batch does),
 # a global batch of 8 as 2 micro-batches, 20 optimizer steps over 2 epochs, 37 held-out samples (odd: one
@@ -186,3 +189,57 @@ def test_without_torchrun_it_says_how_to_launch(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith(TORCHAO_NOTICE)]
     assert len(lines) == 1 and "--nproc_per_node" in lines[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def untied_base(folder: Path) -> Path:
+    """The tiny model with its own output layer (lm_head) instead of the tied embedding."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    weights = load_file(TINY / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = json.loads((TINY / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**hf_config, "tie_word_embeddings": False}))
+    return folder
+
+
+def test_untied_output_lora_with_a_process_that_has_no_trained_token(tmp_path):
+    """An untied head with LoRA, 2 processes, and every micro-batch of process 1 without a trained token (its
+    prompts are cut at max_seq_len before the answer): its output-LoRA gradients must be zeros, not missing, so
+    both processes reduce the same gradients. Same training as one device with the same global batch.
+
+    torchtune's Llama 3.2 builders refuse apply_lora_to_output (their head is tied), so the tiny weights run
+    under the Llama 3 builder, whose head is its own layer."""
+    rows = []
+    for i in range(10):
+        rows.append({"instruction": f"What color is the {THINGS[i]}?", "input": "", "output": "It is red."})
+        rows.append({"instruction": " ".join(THINGS * 3), "input": "", "output": "Never reached."})
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    common = [
+        f"checkpointer.checkpoint_dir={untied_base(tmp_path / 'untied')}",
+        "model._component_=torchtune.models.llama3.lora_llama3",
+        "model.apply_lora_to_output=True",
+        "checkpointer.model_type=LLAMA3",
+        "tokenizer.max_seq_len=48",
+        f"dataset.data_files={data}",
+        "shuffle=False",  # process r takes samples r, r + 2, ...: process 1 gets only the long ones
+        "val_dataset=null",
+        "sample_prompts=[]",
+        "max_steps_per_epoch=5",
+        "lr_scheduler.num_warmup_steps=1",
+        "metric_logger.filename=log.txt",
+    ]
+    single = tune_run(tmp_path / "single", *common, "batch_size=2")
+    assert single.returncode == 0, single.stderr_text[-3000:]
+    multi = tune_run(tmp_path / "multi", *common, "batch_size=1", nproc=2, timeout=180)
+    assert multi.returncode == 0, multi.stderr_text[-3000:]
+    assert per_step(tmp_path / "multi", "log.txt", "loss") == pytest.approx(
+        per_step(tmp_path / "single", "log.txt", "loss"), abs=1e-4
+    )
+    want, got = final_adapter(tmp_path / "single"), final_adapter(tmp_path / "multi")
+    assert any("output.lora_b" in name for name in got)
+    for name in want:
+        assert (want[name] - got[name]).abs().max().item() <= 1e-5, name
+    assert got["output.lora_b.weight"].abs().max().item() > 1e-4  # the head's adapter did train

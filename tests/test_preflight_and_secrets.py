@@ -167,6 +167,18 @@ def test_wb_no_network(tmp_path):
     assert_wb_one_line(wb(tmp_path), 1, "could not reach W&B", "WANDB_MODE=offline", "wandb sync")
 
 
+def test_wb_key_of_the_wrong_shape_is_refused_before_any_network(tmp_path):
+    (tmp_path / ".env").write_text("WANDB_API_KEY=abc123456789\n")
+    result = wb(tmp_path)
+    assert_wb_one_line(result, 2, "WANDB_API_KEY in .env has the wrong shape", "has 12", "wandb.ai/authorize")
+    assert "abc123456789" not in result.stdout + result.stderr
+
+
+def test_wb_malformed_env_line(tmp_path):
+    (tmp_path / ".env").write_text(f"WANDB_MODE=offline\nWANDB_API_KEY {FAKE_WANDB_KEY}\n")
+    assert_wb_one_line(wb(tmp_path), 2, ".env line 2 is not KEY=value", "fix or remove that line")
+
+
 class _RejectingWandb(BaseHTTPRequestHandler):
     def _answer(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -227,6 +239,22 @@ def test_download_gated_and_not_found(tmp_path):
     assert_download_fails(gated, "request access on https://huggingface.co/gated-org/model")
     assert_download_fails(gated_no_token, "HF_TOKEN is not set")
     assert_download_fails(missing, "nobody/nothing not found")
+
+
+def test_download_reports_a_malformed_env_without_importing_torch(tmp_path):
+    (tmp_path / ".env").write_text(f"HF_TOKEN {FAKE_HF_TOKEN}\n")
+    script = (
+        "import sys; from lora_tools import download; status = download.main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules; sys.exit(status)"
+    )
+    cmd = [sys.executable, "-c", script, "meta-llama/Llama-3.2-1B", "--output-dir", str(tmp_path / "ckpt")]
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and FAKE_HF_TOKEN not in result.stdout + result.stderr
+    (line,) = error_lines(result)
+    assert line.startswith("error: .env line 1 is not KEY=value"), line
 
 
 # --- secrets never leave .env; the offline W&B run holds the recipe's losses ---------------------------------

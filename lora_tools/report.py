@@ -1,0 +1,56 @@
+"""What a run shows its user besides the per-step metrics: memory, sample answers, and the closing summary."""
+
+import math
+import resource
+from pathlib import Path
+
+import torch
+from torchtune import training, utils
+
+log = utils.get_logger("INFO")
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory on CUDA; on the CPU, the process's peak resident memory (Linux reports KiB)."""
+    if device.type == "cuda":
+        return training.get_memory_stats(device=device)
+    return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+
+
+def log_samples(metric_logger, step: int, rows: list[tuple[str, str]]) -> None:
+    """Sample answers: a W&B table when W&B is the logger, lines in the log otherwise."""
+    if type(metric_logger).__name__ == "WandBLogger":
+        import wandb
+
+        table = wandb.Table(columns=["step", "prompt", "answer"], data=[[step, p, a] for p, a in rows])
+        wandb.log({"samples": table, "global_step": step})  # torchtune's WandBLogger steps by global_step too
+        return
+    for prompt, answer in rows:
+        log.info(f"sample at step {step} | {prompt!r} -> {answer!r}")
+
+
+def summary(
+    first_step_loss: float | None,
+    vocab_size: int,
+    before: float | None,
+    after: float | None,
+    adapter: Path,
+    merged: Path | None,
+) -> str:
+    """The first loss against ln(vocabulary) (a random model's), held-out loss before and after, the outputs."""
+    lines = []
+    if first_step_loss is not None:
+        lines.append(
+            f"first step loss: {first_step_loss:.4f} (ln(vocab size {vocab_size}) = {math.log(vocab_size):.4f})"
+        )
+    if before is not None and after is not None:
+        lines.append(
+            f"held-out loss: {before:.4f} before training, {after:.4f} after ({(after - before) / before:+.1%})"
+        )
+        lines.append(f"{'':<8}{'loss':>10}{'perplexity':>12}")
+        for name, val in (("before", before), ("after", after)):
+            lines.append(f"{name:<8}{val:>10.4f}{math.exp(val):>12.2f}")
+    lines.append(f"adapter (PEFT):    {adapter}")
+    if merged is not None:
+        lines.append(f"merged model (HF): {merged}")
+    return "\n".join(lines)

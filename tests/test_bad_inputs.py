@@ -1,0 +1,473 @@
+"""The battery of bad inputs: each is one line on stderr, exit status 2, nothing written, in well under 15 s.
+
+Every case runs in-process through the entry point `tune run` calls (the recipe's ``main()`` with sys.argv set as
+`tune run` sets it), or through wb.py's / lora_tools.download's ``main``. Two cases also run through the real
+`tune run` subprocess, imports included.
+
+To add a case, append a ``Case`` to CASES: a name, the words its error line must hold, and what makes it bad
+(overrides, a config file, environment variables, files to write, or a ``prepare`` hook for anything else,
+such as a checkpoint to resume from). ``{tmp}`` in overrides, config, env values and file names is the case's
+temporary folder; the run's output_dir is ``{tmp}/out``, and the case fails if the run changes anything there.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TORCHAO_NOTICE, offline_env, tune
+
+MAX_SECONDS = 15
+WANDB_LOGGER = "metric_logger._component_=torchtune.training.metric_logging.WandBLogger"
+SHORT_WANDB_KEY = "abc123456789"  # 12 characters: W&B keys have 40 or more
+CHAT = (
+    "dataset._component_=torchtune.datasets.chat_dataset",
+    "dataset.conversation_column=conversations",
+    "dataset.data_files={tmp}/chat.json",
+)
+BROKEN_YAML = "output_dir: x\n\nmodel:\n  _component_: a\n  lora_rank: 8\n  lora_alpha: 16\n  lora_dropout 0\n"
+NOT_UTF8 = b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]\n'  # Latin-1, as some editors save
+
+
+# The shipped 3B config with only the tiny checkpoint, tokenizer, data and CPU settings: its model builder stays 3B.
+SHIPPED_3B_ON_TINY = (
+    "checkpointer.checkpoint_dir=assets/tiny",
+    "checkpointer.checkpoint_files=[model.safetensors]",
+    "tokenizer.path=assets/tiny/original/tokenizer.model",
+    "tokenizer.special_tokens_path=assets/tiny/special_tokens.json",
+    "dataset.source=json",
+    "dataset.data_files=assets/tiny/data/train.json",
+    "val_dataset=null",
+    "device=cpu",
+    "dtype=fp32",
+    "compile=False",
+    "enable_activation_offloading=False",
+    "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
+)
+
+
+def train_one_step(out: Path) -> None:
+    """A real checkpoint to resume from: the tiny config, one step, rank 16, in-process."""
+    from conftest import tiny_cfg
+
+    from lora_finetune_single_device import LoRAFinetuneRecipe
+
+    cfg = tiny_cfg(output_dir=str(out), max_steps_per_epoch=1, val_dataset="null", sample_prompts="[]")
+    recipe = LoRAFinetuneRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    expect: tuple[str, ...]  # words the one error line must hold
+    overrides: tuple[str, ...] = ()
+    config: str = "configs/tiny.yaml"
+    env: dict = field(default_factory=dict)  # None unsets a variable
+    files: dict = field(default_factory=dict)  # path under {tmp} -> text or bytes
+    entry: str = "recipe"  # "recipe" (tune run), "wb" (python wb.py) or "download" (python -m lora_tools.download)
+    in_tmp: bool = False  # run from {tmp}, a checkout of links (configs, assets), so a .env written there is read
+    secrets: tuple[str, ...] = ()  # must appear nowhere in the output
+    prepare: Callable | None = None  # prepare(tmp: Path, monkeypatch) before the run
+    status: int = 2
+
+
+CASES = [
+    # --- unknown keys, at every depth --------------------------------------------------------------------------
+    Case("unknown-top-level-key", ("unknown key 'foo'", "configs/tiny.yaml", "remove it"), ("foo=1",)),
+    Case("batchsize", ("unknown key 'batchsize'", "did you mean 'batch_size'?"), ("batchsize=4",)),
+    Case("early-stoping", ("did you mean 'early_stopping_patience'?",), ("early_stoping_patience=2",)),
+    Case("model-lora-rnak", ("'model.lora_rnak'", "did you mean 'model.lora_rank'?"), ("model.lora_rnak=8",)),
+    Case("optimizer-learning-rate", ("'optimizer.learning_rate'", "'optimizer.lr'"), ("optimizer.learning_rate=1",)),
+    Case("dataset-trian-on-input", ("did you mean 'dataset.train_on_input'?",), ("dataset.trian_on_input=True",)),
+    Case("checkpoint-fils", ("did you mean 'checkpointer.checkpoint_files'?",), ("checkpointer.checkpoint_fils=[a]",)),
+    Case("load-dataset-kwarg", ("did you mean 'dataset.streaming'?",), ("dataset.streamin=True",)),
+    Case(
+        "typo-in-the-yaml-file",
+        ("typo.yaml", "unknown key 'model.lora_rnak'", "did you mean 'model.lora_rank'?"),
+        config="{tmp}/typo.yaml",
+        files={"typo.yaml": (REPO / "configs/tiny.yaml").read_text().replace("lora_rank: 16", "lora_rnak: 16")},
+    ),
+    # --- wrong types and impossible values ---------------------------------------------------------------------
+    Case("batch-size-0", ("batch_size is 0", "greater than 0"), ("batch_size=0",)),
+    Case("batch-size-negative", ("batch_size is -1", "greater than 0"), ("batch_size=-1",)),
+    Case("grad-accumulation-0", ("gradient_accumulation_steps is 0",), ("gradient_accumulation_steps=0",)),
+    Case("max-steps-0", ("max_steps_per_epoch is 0",), ("max_steps_per_epoch=0",)),
+    Case("epochs-0", ("epochs is 0",), ("epochs=0",)),
+    Case("lora-rank-0", ("model.lora_rank is 0", "greater than 0"), ("model.lora_rank=0",)),
+    Case("lora-rank-float", ("model.lora_rank is 2.5", "an integer"), ("model.lora_rank=2.5",)),
+    Case("lora-dropout-1", ("model.lora_dropout is 1",), ("model.lora_dropout=1",)),
+    Case("lr-abc", ("optimizer.lr is 'abc'", "torch.optim.AdamW takes a number"), ("optimizer.lr=abc",)),
+    Case("lr-negative", ("optimizer.lr is -1", ">= 0"), ("optimizer.lr=-1",)),
+    Case("max-seq-len-0", ("tokenizer.max_seq_len is 0",), ("tokenizer.max_seq_len=0",)),
+    Case("dtype-fp16", ("use dtype=bf16 (GPU) or dtype=fp32 (CPU)",), ("dtype=fp16",)),
+    Case("compile-maybe", ("compile is 'maybe'", "True or False"), ("compile=maybe",)),
+    Case("compile-yes", ("compile is 'yes'", "True or False"), ("compile=yes",)),
+    Case("sample-prompts-5", ("sample_prompts is 5", "a list"), ("sample_prompts=5",)),
+    Case("device-typo", ("device 'cuad'", "cuda, cuda:N or cpu"), ("device=cuad",)),
+    Case(
+        "scheduler-steps-given", ("lr_scheduler.num_training_steps", "recipe"), ("lr_scheduler.num_training_steps=9",)
+    ),
+    # --- component names ---------------------------------------------------------------------------------------
+    Case(
+        "model-component-typo",
+        ("model._component_", "did you mean torchtune.models.llama3_2.lora_llama3_2_3b?"),
+        ("model._component_=torchtune.models.llama3_2.lora_llama3_2_3bb",),
+    ),
+    Case(
+        "optimizer-AdamWW",
+        ("optimizer._component_", "did you mean torch.optim.AdamW?"),
+        ("optimizer=torch.optim.AdamWW",),
+    ),
+    Case(
+        "loss-missing-module",
+        ("loss._component_", "torchtune.modules has no losss", "torchtune.modules.loss.CEWithChunkedOutputLoss"),
+        ("loss._component_=torchtune.modules.losss.CEWithChunkedOutputLoss",),
+    ),
+    Case(
+        "collate-fn-typo",
+        ("did you mean torchtune.data.padded_collate_sft?",),
+        ("collate_fn=torchtune.data.padded_collate_sftt",),
+    ),
+    # --- missing pieces, broken syntax -------------------------------------------------------------------------
+    Case(
+        "missing-component-argument",
+        ("checkpointer is missing 'checkpoint_dir'", "FullModelHFCheckpointer"),
+        ("~checkpointer.checkpoint_dir",),
+    ),
+    Case("missing-required-key", ("required key 'batch_size' is missing",), ("~batch_size",)),
+    Case(
+        "yaml-syntax-error",
+        ("broken.yaml line 7, column 3: could not find expected ':'", "fix the YAML at that place"),
+        config="{tmp}/broken.yaml",
+        files={"broken.yaml": BROKEN_YAML},
+    ),
+    Case(
+        "broken-interpolation",
+        ("checkpointer.output_dir", "output_dirr", "cannot be resolved"),
+        ("checkpointer.output_dir=${output_dirr}",),
+    ),
+    Case("override-without-value", ("'batch_size' is not key=value",), ("batch_size",)),
+    Case("missing-config-file", ("config file not found", "nope.yaml"), config="{tmp}/nope.yaml"),
+    # --- data files --------------------------------------------------------------------------------------------
+    Case(
+        "empty-dataset-file",
+        ("empty.json", "is empty"),
+        ("dataset.data_files={tmp}/empty.json",),
+        files={"empty.json": ""},
+    ),
+    Case(
+        "dataset-with-no-rows",
+        ("none.json", "no rows"),
+        ("dataset.data_files={tmp}/none.json",),
+        files={"none.json": "[]"},
+    ),
+    Case(
+        "dataset-not-utf8",
+        ("latin1.json", "not UTF-8", f"byte {NOT_UTF8.index(0xE9)}"),
+        ("dataset.data_files={tmp}/latin1.json",),
+        files={"latin1.json": NOT_UTF8},
+    ),
+    Case(
+        "chat-missing-column",
+        ("chat.json, row 2", "'conversations'", "dataset.conversation_column"),
+        (*CHAT, "dataset.conversation_style=sharegpt"),
+        files={"chat.json": '[{"conversations": [{"from": "human", "value": "hi"}]}, {"convo": []}]'},
+    ),
+    Case(
+        "chat-not-a-list",
+        ("chat.json, row 1", "not a list of messages"),
+        (*CHAT, "dataset.conversation_style=sharegpt"),
+        files={"chat.json": '[{"conversations": "hello"}]'},
+    ),
+    Case(
+        "chat-sharegpt-missing-value",
+        ("row 1, message 2", "no 'value'", "sharegpt"),
+        (*CHAT, "dataset.conversation_style=sharegpt"),
+        files={"chat.json": '[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}]'},
+    ),
+    Case(
+        "chat-openai-missing-role",
+        ("row 1, message 1", "no 'role'", "openai"),
+        (*CHAT, "dataset.conversation_style=openai"),
+        files={"chat.json": '[{"conversations": [{"from": "user", "content": "hi"}]}]'},
+    ),
+    Case(
+        "chat-unknown-role",
+        ("row 1, message 2", "unknown role 'bot'", "system, user, assistant"),
+        (*CHAT, "dataset.conversation_style=openai"),
+        files={"chat.json": '[{"conversations": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}]'},
+    ),
+    # --- .env and W&B ------------------------------------------------------------------------------------------
+    Case(
+        "dotenv-malformed",
+        (".env line 2 is not KEY=value", "fix or remove that line"),
+        in_tmp=True,
+        files={".env": "HF_TOKEN=hf_fake\nWANDB_API_KEY f4kesecretvalue\n"},
+        secrets=("f4kesecretvalue",),
+    ),
+    Case(
+        "dotenv-malformed-wb",
+        (".env line 3 is not KEY=value", "a quote that is not closed"),
+        entry="wb",
+        in_tmp=True,
+        files={".env": 'A=1\n\nWANDB_API_KEY="f4kesecretvalue\n'},
+        secrets=("f4kesecretvalue",),
+    ),
+    Case(
+        "dotenv-malformed-download",
+        (".env line 1 is not KEY=value",),
+        entry="download",
+        in_tmp=True,
+        files={".env": "HF_TOKEN hf_f4kesecretvalue\n"},
+        secrets=("hf_f4kesecretvalue",),
+    ),
+    Case(
+        "wandb-key-wrong-shape",
+        ("WANDB_API_KEY in .env has the wrong shape", "has 12", "https://wandb.ai/authorize"),
+        (WANDB_LOGGER,),
+        env={"WANDB_MODE": None, "WANDB_API_KEY": None},
+        in_tmp=True,
+        files={".env": f"WANDB_API_KEY={SHORT_WANDB_KEY}\n"},
+        secrets=(SHORT_WANDB_KEY,),
+    ),
+    Case(
+        "wandb-key-wrong-shape-wb",
+        ("WANDB_API_KEY in .env has the wrong shape", "has 12", "https://wandb.ai/authorize"),
+        entry="wb",
+        env={"WANDB_MODE": None, "WANDB_API_KEY": None},
+        in_tmp=True,
+        files={".env": f"WANDB_API_KEY={SHORT_WANDB_KEY}\n"},
+        secrets=(SHORT_WANDB_KEY,),
+    ),
+    Case(
+        "wandb-without-key",
+        ("WANDB_API_KEY", "python wb.py", "WANDB_MODE=offline"),
+        (WANDB_LOGGER,),
+        env={"WANDB_MODE": None, "WANDB_API_KEY": None},
+    ),
+    # --- the preflight checks that were there before -----------------------------------------------------------
+    Case(
+        "3b-checkpoint-missing",
+        ("python -m lora_tools.download meta-llama/Llama-3.2-3B-Instruct --output-dir ckpts/Llama-3.2-3B-Instruct",),
+        (
+            "device=cpu",
+            "dtype=fp32",
+            "compile=False",
+            "enable_activation_offloading=False",
+            "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
+        ),
+        config="lora_finetune_single_device.yaml",
+    ),
+    Case(
+        "checkpoint-file-missing",
+        ("missing.safetensors", "tiny_assets"),
+        ("checkpointer.checkpoint_files=[missing.safetensors]",),
+    ),
+    Case(
+        "tokenizer-missing", ("tokenizer.path", "missing.model"), ("tokenizer.path=assets/tiny/original/missing.model",)
+    ),
+    Case("cuda-without-gpu", ("no CUDA GPU", "device=cpu"), ("device=cuda",)),
+    Case("offloading-on-cpu", ("enable_activation_offloading", "CUDA"), ("enable_activation_offloading=True",)),
+    Case(
+        "dataset-file-missing", ("absent.json", "does not exist"), ("dataset.data_files=assets/tiny/data/absent.json",)
+    ),
+    Case(
+        "dataset-not-json",
+        ("bad.json", "not valid JSON"),
+        ("dataset.data_files={tmp}/bad.json",),
+        files={"bad.json": '[{"instruction": "a", "input": "", "output": "b"},\n{not json\n'},
+    ),
+    Case(
+        "dataset-row-missing-field",
+        ("rows.json, row 2", "'output'"),
+        ("dataset.data_files={tmp}/rows.json",),
+        files={"rows.json": '[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]'},
+    ),
+    Case("output-dir-is-a-file", ("output_dir", "is a file"), ("output_dir={tmp}/a_file/out",), files={"a_file": ""}),
+    Case("compile-without-compiler", ("compile", "C++ compiler"), ("compile=True",), env={"PATH": "{tmp}/empty-bin"}),
+    # --- shapes: decided before any weights are read -----------------------------------------------------------
+    Case(
+        "builder-does-not-match-checkpoint",  # the 3B builder on the tiny checkpoint: meta-device build, 1 line
+        ("lora_llama3_2_3b does not match the checkpoint", "vocab_size 128256 (checkpoint: 1230)"),
+        SHIPPED_3B_ON_TINY,
+        config="lora_finetune_single_device.yaml",
+    ),
+    Case(
+        "resume-with-another-lora-rank",
+        ("LoRA settings", "differ from the checkpoint", "(16, 256) in the checkpoint but (8, 256)", "new output_dir"),
+        ("model.lora_rank=8", "model.lora_alpha=16", "resume_from_checkpoint=True"),
+        prepare=lambda tmp, monkeypatch: train_one_step(tmp / "out"),
+    ),
+    Case(
+        "resume-with-another-schedule-length",
+        ("learning-rate schedule", "allow_schedule_change=True"),
+        ("epochs=3", "max_steps_per_epoch=1", "resume_from_checkpoint=True"),
+        prepare=lambda tmp, monkeypatch: train_one_step(tmp / "out"),
+    ),
+]
+
+TIMINGS: dict[str, tuple[float, str]] = {}
+
+
+def _sub(text: str, tmp: Path) -> str:
+    return text.replace("{tmp}", str(tmp))
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]] | None:
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    import lora_finetune_single_device
+
+    return lora_finetune_single_device
+
+
+@pytest.fixture
+def restored_environ():
+    """load_env writes os.environ directly: put it back exactly after each case."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def prepare_case(case: Case, tmp: Path, monkeypatch) -> None:
+    """Files, environment, working folder, and the case's own preparation: everything before the run."""
+    for name, content in case.files.items():
+        path = tmp / _sub(name, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "HOME": str(tmp), **case.env}
+    for key, value in env.items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, _sub(value, tmp))
+    if case.in_tmp:
+        for name in ("configs", "assets", "lora_finetune_single_device.yaml"):
+            (tmp / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp if case.in_tmp else REPO)
+    if case.prepare is not None:
+        case.prepare(tmp, monkeypatch)
+
+
+def run_case(case: Case, tmp: Path, monkeypatch, recipe) -> tuple[int, float]:
+    """The entry point's exit status, and the seconds it took."""
+    start = time.monotonic()
+    if case.entry == "recipe":
+        argv = [case.config, f"output_dir={tmp}/out", *case.overrides]
+        monkeypatch.setattr(sys, "argv", ["lora_finetune_single_device.py", "--config", *(_sub(a, tmp) for a in argv)])
+        status = recipe.main()
+    elif case.entry == "wb":
+        import wb
+
+        status = wb.main([])
+    elif case.entry == "download":
+        from lora_tools import download
+
+        status = download.main(["meta-llama/Llama-3.2-1B", "--output-dir", str(tmp / "out")])
+    else:
+        raise ValueError(case.entry)
+    return status, time.monotonic() - start
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case, tmp_path, monkeypatch, capfd, recipe, restored_environ):
+    out = tmp_path / "out"
+    prepare_case(case, tmp_path, monkeypatch)
+    before = _snapshot(out)
+    capfd.readouterr()  # only the run's own output counts
+    status, seconds = run_case(case, tmp_path, monkeypatch, recipe)
+    captured = capfd.readouterr()
+    text = captured.out + captured.err
+    lines = [ln for ln in captured.err.splitlines() if ln.strip() and not ln.startswith(TORCHAO_NOTICE)]
+    TIMINGS[case.name] = (seconds, lines[0] if lines else "")
+    assert status == case.status, text[-3000:]
+    assert "Traceback" not in text
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for word in case.expect:
+        assert word in lines[0], lines[0]
+    for secret in case.secrets:
+        assert secret not in text
+    after = _snapshot(out)
+    assert after == before or (before is None and after == {}), f"the run wrote into {out}: {after}"
+    assert seconds < MAX_SECONDS, seconds
+
+
+# --- the same line through the real `tune run`, imports included ---------------------------------------------
+
+
+def _tune_case(name, tmp_path, *overrides, **env):
+    start = time.monotonic()
+    args = ["--config", "configs/tiny.yaml", f"output_dir={tmp_path}/out", *overrides]
+    result = tune("run", "lora_finetune_single_device.py", *args, env=offline_env(HOME=str(tmp_path), **env))
+    seconds = time.monotonic() - start
+    text = result.stdout + result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith(TORCHAO_NOTICE)]
+    assert result.returncode == 2, text[-3000:]
+    assert "Traceback" not in text
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert not (tmp_path / "out").exists()
+    TIMINGS[f"tune run: {name}"] = (seconds, lines[0])
+    assert seconds < MAX_SECONDS, seconds
+    return lines[0], text
+
+
+def test_tune_run_component_typo(tmp_path):
+    line, _ = _tune_case(
+        "model-component-typo", tmp_path, "model._component_=torchtune.models.llama3_2.lora_llama3_2_3bb"
+    )
+    assert "did you mean torchtune.models.llama3_2.lora_llama3_2_3b?" in line
+
+
+def test_tune_run_wandb_key_wrong_shape(tmp_path):
+    line, text = _tune_case(
+        "wandb-key-wrong-shape", tmp_path, WANDB_LOGGER, WANDB_MODE="online", WANDB_API_KEY=SHORT_WANDB_KEY
+    )
+    assert "WANDB_API_KEY in the environment has the wrong shape (API key must have 40+ characters, has 12.)" in line
+    assert "https://wandb.ai/authorize" in line and SHORT_WANDB_KEY not in text
+
+
+def test_disk_fills_during_a_save(tmp_path):
+    """A 2 MiB disk (a tmpfs in a private mount namespace): the run starts, and the first checkpoint cannot fit.
+    One error line, exit 2, the partial checkpoint folder removed, no `latest`."""
+    small = tmp_path / "small"
+    small.mkdir()
+    out = small / "out"
+    args = f"--config configs/tiny.yaml output_dir={out} max_steps_per_epoch=2 save_adapter_weights_only=True"
+    args += " val_dataset=null sample_prompts=[]"
+    cmd = (
+        f"mount -t tmpfs -o size=2M tmpfs {small} && cd {REPO} && {sys.executable} -m torchtune._cli.tune "
+        f"run lora_finetune_single_device.py {args}; status=$?; echo LEFT:; "
+        f"find {out} -name '.tmp-*' -o -name 'step_*' -o -name latest; exit $status"
+    )
+    start = time.monotonic()
+    result = subprocess.run(["unshare", "-m", "sh", "-c", cmd], env=offline_env(), capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text[-3000:]
+    assert "Traceback" not in text
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "disk filled up" in errors[0] and "resume_from_checkpoint=True" in errors[0], errors
+    assert result.stderr.strip().splitlines()[-1] == errors[0]  # the last word is the error
+    assert result.stdout.split("LEFT:", 1)[1].split() == []  # no partial checkpoint folder, no `latest`
+    TIMINGS["tune run: disk-fills-during-a-save"] = (seconds, errors[0])
+    assert seconds < MAX_SECONDS, seconds
+
+
+def test_battery_size(capsys):
+    """Last in this file: the case count, and each case's time and line when the battery ran."""
+    names = [c.name for c in CASES]
+    assert len(names) == len(set(names)) and len(CASES) >= 32, len(CASES)
+    with capsys.disabled():
+        print(f"\n{len(CASES)} bad-input cases in-process + 2 through `tune run`; {len(TIMINGS)} ran in this session:")
+        for name, (seconds, line) in TIMINGS.items():
+            print(f"  {seconds:6.2f}s  {name:36}  {line}")

@@ -1,0 +1,31 @@
+"""Figures that README.md states about the repository's own files, recomputed from those files."""
+
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_readme_states_the_tiny_models_parameter_count():
+    # The base model only (tied embeddings are stored once); the LoRA adapters come on top at training time.
+    with safe_open(REPO / "assets" / "tiny" / "model.safetensors", framework="pt") as f:
+        total = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    stated = f"{total / 1e6:.2f}M-parameter"
+    assert stated in (REPO / "README.md").read_text(), f"README should call the tiny model a {stated} Llama 3.2"
+
+
+def test_readme_states_what_a_3b_step_checkpoint_writes():
+    """The stop-signal save: the shipped 3B config's adapter (counted on a meta-device model, no memory) in the
+    safetensors file and in the resume state, plus AdamW's two moments, all in bf16."""
+    from omegaconf import OmegaConf
+    from torchtune.modules.peft import get_adapter_params
+
+    from lora_tools.model_checks import meta_model
+
+    cfg = OmegaConf.load(REPO / "lora_finetune_single_device.yaml")
+    n = sum(p.numel() for p in get_adapter_params(meta_model(cfg.model)).values())
+    readme = (REPO / "README.md").read_text()
+    assert f"adapter has {n / 1e6:.1f}M parameters" in readme
+    assert f"writes about {4 * 2 * n / 1e9:.2f} GB" in readme
