@@ -19,8 +19,6 @@ lora_finetune_distributed.py runs this same class on every process of a torchrun
 
 import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ from lora_tools.errors import UserError
 from lora_tools.inference import greedy, prompt_tokens, uses_alpaca
 from lora_tools.launch import recipe_main
 from lora_tools.parallel import OneDevice
+from lora_tools.stopping import StopSignal
 
 log = utils.get_logger("INFO")
 
@@ -73,7 +72,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self.last_checkpoint: Path | None = None
         self.merged_model: Path | None = None
         self._stop_reason: str | None = None  # "signal" or "early stopping": finish the step, save, stop
-        self._signal_seen = False  # set by the handler; becomes a stop only where all processes check it together
 
     # ---- setup: the cheap checks and the data first, the weights last ----
 
@@ -100,8 +98,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                 f"({c.gradient_accumulation_steps} batches); lower batch_size or gradient_accumulation_steps"
             )
         self._total_steps = c.epochs * self._steps_per_epoch
-        if resume:
-            self._check_schedule_length(resume["total_steps"])
+        if resume:  # a resumed cosine schedule of another length jumps to another learning rate: only on request
+            checkpoints.check_same_schedule(resume, self.last_checkpoint, self._total_steps, c.allow_schedule_change)
 
         self._checkpointer = config.instantiate(c.checkpointer)
         base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
@@ -119,7 +117,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         # Last: a mistake found above leaves nothing in output_dir.
         self._metric_logger = self._strategy.metric_logger(self._build_metric_logger)
         self._metric_logger.log_config(cfg)
-        self._profiler = self._setup_profiler(c.profiler)
+        enabled = c.profiler is not None and c.profiler.get("enabled", False)
+        self._profiler = config.instantiate(c.profiler)[0] if enabled else training.DummyProfiler()
 
     def _load_resume_state(self) -> dict[str, Any] | None:
         """The newest checkpoint's state, after checking that this run can continue it exactly."""
@@ -146,15 +145,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._wandb_run_id = state["wandb_run_id"]
         self.last_checkpoint = folder
         return state
-
-    def _check_schedule_length(self, saved_total_steps: int) -> None:
-        """A resumed cosine schedule of another length jumps to another learning rate: only on request."""
-        if saved_total_steps != self._total_steps and not self.cfg.allow_schedule_change:
-            raise UserError(
-                f"epochs x steps per epoch is now {self._total_steps} optimizer steps, but the checkpoint in "
-                f"{self.last_checkpoint} was trained on a {saved_total_steps}-step learning-rate schedule; resume "
-                "with the same epochs and max_steps_per_epoch, or pass allow_schedule_change=True"
-            )
 
     def _setup_data(self, cfg_dataset, shuffle: bool = False, evaluation: bool = False) -> StatefulDataLoader:
         """Training: a batch is ``batch_size x processes`` consecutive samples of one seeded shuffle, each process
@@ -200,22 +190,15 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._trunk, self._head = Trunk(model), model.output
         self._strategy.shard(self._trunk)
 
-        base_missing, base_unexpected = self._strategy.load(model, base)
-        lora_missing, lora_unexpected = self._strategy.load(model, adapter)
+        spec = self._adapter_spec
+        # (missing, unexpected) keys of the base weights, then of the adapter: checked against the LoRA targets
+        loaded = [*self._strategy.load(model, base), *self._strategy.load(model, adapter)]
+        validate_missing_and_unexpected_for_lora(list(spec.attn_modules), spec.mlp, spec.output, *loaded)
         self.adapter_params = get_adapter_params(model)  # after loading: sharding and loading replace parameters
-        if self._adapter_spec.dora and not resuming:  # DoRA magnitudes start from the base weights
+        if spec.dora and not resuming:  # DoRA magnitudes start from the base weights
             for m in model.modules():
                 if hasattr(m, "initialize_dora_magnitude"):
                     m.initialize_dora_magnitude()
-        validate_missing_and_unexpected_for_lora(
-            lora_attn_modules=list(self._adapter_spec.attn_modules),
-            apply_lora_to_mlp=self._adapter_spec.mlp,
-            apply_lora_to_output=self._adapter_spec.output,
-            base_missing=base_missing,
-            base_unexpected=base_unexpected,
-            lora_missing=lora_missing,
-            lora_unexpected=lora_unexpected,
-        )
         training.validate_no_params_on_meta_device(model)
         training.validate_expected_param_dtype(self.adapter_params.items(), dtype=self._dtype)
         self._activations_ctx = training.get_act_offloading_ctx_manager(model, c.enable_activation_offloading)
@@ -240,12 +223,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             self._wandb_run_id = wandb.run.id if wandb.run is not None else None
         return logger
 
-    def _setup_profiler(self, cfg_profiler: DictConfig | None):
-        if cfg_profiler is None or not cfg_profiler.get("enabled", False):
-            return training.DummyProfiler()
-        profiler, _ = config.instantiate(cfg_profiler)
-        return profiler
-
     # ---- training ----
 
     def train(self) -> None:
@@ -259,10 +236,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if c.compile:
             log.info("torch.compile is on: the first step compiles the model and is slow.")
 
-        previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._optimizer.zero_grad(set_to_none=True)
         samples_per_step = c.batch_size * c.gradient_accumulation_steps
-        with self._profiler as prof:
+        with self._profiler as prof, StopSignal(announce=self._strategy.is_main) as stop:
             for curr_epoch in range(self.epochs_run, c.epochs):
                 self._dataloader.sampler.set_epoch(curr_epoch)
                 # Resuming mid-epoch: skip the samples the checkpointed run already trained on.
@@ -295,7 +271,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                         self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
                     # A signal seen by any process stops all of them, here and only here, so that every process
                     # takes the same path (and the same collectives) from now on.
-                    if self._strategy.sum(torch.tensor(int(self._signal_seen))):
+                    if self._strategy.sum(torch.tensor(int(stop.requested))):
                         self._stop_reason = "signal"  # save and leave quickly: no validation or samples now
                         break
                     if c.run_val_every_n_steps and self.global_step % c.run_val_every_n_steps == 0:
@@ -313,10 +289,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                 if self._stop_reason:
                     break
 
-        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoints.step_name(self.global_step):
-            self.save_checkpoint()
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
+            if self.last_checkpoint is None or self.last_checkpoint.name != checkpoints.step_name(self.global_step):
+                self.save_checkpoint()  # still under StopSignal: a signal now cannot cut the save short
         if self._stop_reason == "signal":
             log.info(f"Stopped at step {self.global_step}; resume with resume_from_checkpoint=True.")
             return
@@ -439,16 +413,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         hidden = self._trunk(tokens, input_pos=input_pos, mask=mask)
         return self._strategy.shared_logits(self._head(hidden[:, -1])[0])
 
-    def _on_stop_signal(self, signum, frame) -> None:
-        if self._signal_seen:
-            if signum == signal.SIGINT:  # a second Ctrl-C: leave now (a repeated SIGTERM, as torchrun sends, waits)
-                os._exit(128 + signum)
-            return
-        self._signal_seen = True
-        if self._strategy.is_main:  # os.write: a handler must not re-enter a stream tqdm or logging may be using
-            message = f"\n{signal.Signals(signum).name}: finishing this step, saving the adapter and resume state, "
-            os.write(2, (message + "then exiting (press Ctrl-C again to quit at once)\n").encode())
-
     # ---- checkpoints ----
 
     def save_checkpoint(self) -> None:
@@ -489,23 +453,14 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             "evals_without_improvement": self._evals_without_improvement,
             "wandb_run_id": self._wandb_run_id,
         }
-        folder = checkpoints.AtomicFolder(checkpoints.checkpoint_folder(self.cfg.output_dir, self.global_step))
-        try:
-            hf_export.write_adapter(folder, adapter, self._adapter_spec, Path(self.cfg.checkpointer.checkpoint_dir))
+        base_dir = Path(self.cfg.checkpointer.checkpoint_dir)
+
+        def write(folder: checkpoints.AtomicFolder) -> None:
+            hf_export.write_adapter(folder, adapter, self._adapter_spec, base_dir)
             folder.write_torch(checkpoints.RECIPE_STATE, state)
             folder.write_json(checkpoints.PROVENANCE, self._provenance)
-            checkpoints.publish(folder, keep_last_n=self.cfg.keep_last_n)
-        except OSError as e:
-            folder.discard()
-            if e.errno not in checkpoints.DISK_FULL:
-                raise
-            kept = checkpoints.latest_checkpoint(self.cfg.output_dir)
-            kept = f"latest is still {kept.name}" if kept else "no earlier checkpoint"
-            raise UserError(
-                f"the disk filled up while writing the step {self.global_step} checkpoint under "
-                f"{self.cfg.output_dir}/checkpoints (the partial folder is removed; {kept}); free space, then "
-                "rerun with resume_from_checkpoint=True"
-            )
+
+        checkpoints.save(self.cfg.output_dir, self.global_step, write, keep_last_n=self.cfg.keep_last_n)
 
     def _write_merged_model(self) -> None:
         """model/ in the last checkpoint: the base weights, read again from disk, with the adapter merged in."""

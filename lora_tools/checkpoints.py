@@ -160,6 +160,25 @@ def publish(folder: AtomicFolder, keep_last_n: int | None) -> Path:
     return final
 
 
+def save(output_dir: str | os.PathLike, step: int, write: Callable[[AtomicFolder], None], keep_last_n: int | None):
+    """Write step ``step``'s checkpoint with ``write`` and publish it. A full disk is one line for the user, with
+    the partial folder removed and ``latest`` untouched."""
+    folder = AtomicFolder(checkpoint_folder(output_dir, step))
+    try:
+        write(folder)
+        return publish(folder, keep_last_n)
+    except OSError as e:
+        folder.discard()
+        if e.errno not in DISK_FULL:
+            raise
+        kept = latest_checkpoint(output_dir)
+        raise UserError(
+            f"the disk filled up while writing the step {step} checkpoint under {Path(output_dir) / CHECKPOINTS} "
+            f"(the partial folder is removed; {f'latest is still {kept.name}' if kept else 'no earlier checkpoint'})"
+            "; free space, then rerun with resume_from_checkpoint=True"
+        )
+
+
 def load_recipe_state(folder: Path) -> dict[str, Any]:
     """The resume state: tensors and plain Python values only, so nothing in it can run code on load."""
     return torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=True)
@@ -184,3 +203,13 @@ def check_same_geometry(
                 f"{key} is {now} but the checkpoint in {folder} was trained with {state[key]}; resume with {how} "
                 "or start a new output_dir"
             )
+
+
+def check_same_schedule(state: dict[str, Any], folder: Path, total_steps: int, allowed: bool) -> None:
+    """The learning-rate schedule's length (epochs x steps per epoch) must be the checkpoint's, unless allowed."""
+    if state["total_steps"] != total_steps and not allowed:
+        raise UserError(
+            f"epochs x steps per epoch is now {total_steps} optimizer steps, but the checkpoint in {folder} was "
+            f"trained on a {state['total_steps']}-step learning-rate schedule; resume with the same epochs and "
+            "max_steps_per_epoch, or pass allow_schedule_change=True"
+        )

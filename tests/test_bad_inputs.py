@@ -51,12 +51,13 @@ SHIPPED_3B_ON_TINY = (
 
 
 def train_one_step(out: Path) -> None:
-    """A real checkpoint to resume from: the tiny config, one step, rank 16, in-process."""
+    """A real checkpoint to resume from: the tiny config (its datasets too, so their cache is made as a first run
+    makes it), one step, rank 16, in-process."""
     from conftest import tiny_cfg
 
     from lora_finetune_single_device import LoRAFinetuneRecipe
 
-    cfg = tiny_cfg(output_dir=str(out), max_steps_per_epoch=1, val_dataset="null", sample_prompts="[]")
+    cfg = tiny_cfg(output_dir=str(out), max_steps_per_epoch=1, sample_prompts="[]")
     recipe = LoRAFinetuneRecipe(cfg)
     recipe.setup(cfg)
     recipe.train()

@@ -92,7 +92,7 @@ def test_generate_returns_the_argmax_tokens_of_the_recipes_model(tmp_path):
 
     # The recipe's model resumed from the same checkpoint, through torchtune's own full forward (all positions,
     # no KV cache): a plain argmax loop.
-    cfg = tiny_cfg(output_dir=str(out), resume_from_checkpoint=True)
+    cfg = tiny_cfg(output_dir=str(out), resume_from_checkpoint=True, max_steps_per_epoch=40)
     recipe = LoRAFinetuneRecipe(cfg)
     recipe.setup(cfg)
     recipe._model.eval()

@@ -1,10 +1,11 @@
 """Exactness of the training step, checked on the recipe class itself with the tiny model (CPU, fp32)."""
 
+import math
 from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import logged_metrics, tiny_cfg
 from torchtune import config, utils
 
 from lora_finetune_single_device import LoRAFinetuneRecipe
@@ -101,3 +102,22 @@ def test_base_weights_bit_identical_and_only_lora_trains(tmp_path):
     for k in base_before:
         assert torch.equal(base_before[k], base_after[k]), k
     assert any(not torch.equal(adapters_before[k], v) for k, v in recipe.adapter_params.items())
+
+
+def test_a_step_without_trained_tokens_logs_no_loss_and_no_nan(tmp_path):
+    """Every prompt longer than max_seq_len: the answers are cut off, no label is left to train on."""
+    recipe = make_recipe(
+        tmp_path,
+        max_steps_per_epoch=2,
+        **{"tokenizer.max_seq_len": 8, "val_dataset": "null", "sample_prompts": "[]", "log_peak_memory_stats": False},
+    )
+    before = {k: v.detach().clone() for k, v in recipe.adapter_params.items()}
+    recipe.train()
+    recipe.cleanup()
+    steps = logged_metrics(tmp_path / "out")
+    assert sorted(steps) == [1, 2]
+    for metrics in steps.values():
+        assert "loss" not in metrics and metrics["trained_tokens"] == 0
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+    # Zero gradients: AdamW's update is zero too, and weight decay leaves lora_b at zero.
+    assert all(torch.equal(before[k], v) for k, v in recipe.adapter_params.items() if "lora_b" in k)
