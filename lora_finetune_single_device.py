@@ -13,10 +13,10 @@ Checkpoints (every ``save_every_n_steps``, at the end, and on SIGINT/SIGTERM) go
 step_N/: the PEFT adapter and everything needed to resume exactly; the last one of a run also holds the merged
 Hugging Face model (see lora_tools.checkpoints). ``resume_from_checkpoint: True`` continues from the newest.
 
-lora_finetune_distributed.py runs this same class on every process of a torchrun job with another strategy
-(lora_tools.parallel): the steps that change when the model is sharded are the strategy's methods.
+lora_finetune_distributed.py runs this class on every process of a torchrun job with the FSDP2 strategy.
 """
 
+import dataclasses
 import json
 import math
 import sys
@@ -31,7 +31,6 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params, validate_missing_and_unexpected_for_lora
 from torchtune.recipe_interfaces import FTRecipeInterface
-from tqdm import tqdm
 
 from lora_tools import checkpoints, hf_export, model_checks, provenance, report, rng, settings
 from lora_tools.adapter_init import initial_adapter_weights
@@ -62,15 +61,13 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._alpaca_prompts = uses_alpaca(cfg)  # sample prompts are wrapped as the training samples were
         self.seed = training.set_seed(seed=self.cfg.seed)
         # Where training stands; a resumed run takes these from its checkpoint.
-        self.global_step = 0
-        self.epochs_run = 0
-        self._steps_done_in_epoch = 0  # optimizer steps into the current epoch
+        self.global_step, self.epochs_run, self._steps_done_in_epoch = 0, 0, 0  # the last: optimizer steps
         self.first_step_loss: float | None = None
         self._best_val, self._evals_without_improvement = math.inf, 0
         self._wandb_run_id: str | None = None
         self.val_losses: dict[Any, float] = {}
         self.last_checkpoint: Path | None = None
-        self.merged_model: Path | None = None
+        self.merged_model: Path | None = None  # written into the last checkpoint at the end of a finished run
         self._stop_reason: str | None = None  # "signal" or "early stopping": finish the step, save, stop
 
     # ---- setup: the cheap checks and the data first, the weights last ----
@@ -104,7 +101,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._checkpointer = config.instantiate(c.checkpointer)
         base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._model = self._setup_model(base, resume["adapter"] if resume else None)
-        del base
+        del base  # the weights now live in the model
         self._optimizer = config.instantiate(c.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._lr_scheduler = self._setup_lr_scheduler(c.lr_scheduler, self._total_steps)
         if resume:
@@ -167,6 +164,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             collate_fn=collate_for(packed, self.cfg.collate_fn, self._tokenizer.pad_id, ignore),
             drop_last=not evaluation,
             pin_memory=self._device.type == "cuda",
+            generator=torch.Generator(),  # not the global one: a resumed run must draw what the first would
         )
 
     def _setup_model(self, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None):
@@ -176,7 +174,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         set_trainable_params(model, get_adapter_params(model))
         # Adapter names as the state dict has them, taken before wrappers (compile, checkpointing) rename modules.
         self._adapter_keys = set(get_adapter_params(model))
-        self._adapter_spec = hf_export.AdapterSpec.from_model_config(c.model)
+        # DoRA from the parameters themselves (a builder may enable it without a use_dora key)
+        dora = any(k.endswith("magnitude") for k in self._adapter_keys)
+        self._adapter_spec = dataclasses.replace(hf_export.AdapterSpec.from_model_config(c.model), dora=dora)
         resuming = adapter is not None
         if not resuming:  # drawn from the seed alone (see lora_tools.adapter_init), loaded like a resumed one
             adapter = initial_adapter_weights(get_adapter_params(model), self.seed)
@@ -213,9 +213,11 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         return config.instantiate(cfg_lr_scheduler, self._optimizer, num_training_steps=num_training_steps)
 
     def _build_metric_logger(self):
-        """The config's logger; a resumed W&B run continues the checkpointed run (same id, steps go on)."""
+        """The config's logger; a resumed W&B run continues the checkpointed run (same id, steps go on). Its
+        config may differ from the run's first (resume_from_checkpoint=True, at least): W&B must accept that."""
         is_wandb = str(self.cfg.metric_logger.get("_component_")).endswith("WandBLogger")
-        resume = {"id": self._wandb_run_id, "resume": "allow"} if is_wandb and self._wandb_run_id else {}
+        resume = {"id": self._wandb_run_id, "resume": "allow", "allow_val_change": True}
+        resume = resume if is_wandb and self._wandb_run_id else {}
         logger = config.instantiate(self.cfg.metric_logger, **resume)
         if is_wandb:
             import wandb
@@ -240,62 +242,62 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         samples_per_step = c.batch_size * c.gradient_accumulation_steps
         with self._profiler as prof, StopSignal(announce=self._strategy.is_main) as stop:
             for curr_epoch in range(self.epochs_run, c.epochs):
+                if self._steps_done_in_epoch >= self._steps_per_epoch:  # resumed past a now shorter epoch
+                    self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
+                    continue
                 self._dataloader.sampler.set_epoch(curr_epoch)
                 # Resuming mid-epoch: skip the samples the checkpointed run already trained on.
                 self._dataloader.sampler.load_state_dict({"yielded": self._steps_done_in_epoch * samples_per_step})
-                pbar = tqdm(
-                    total=self._steps_per_epoch,
-                    initial=self._steps_done_in_epoch,
-                    desc=f"epoch {curr_epoch + 1}",
-                    dynamic_ncols=True,
-                    disable=not self._strategy.is_main,
-                )
-                micro_batches, t0 = [], time.perf_counter()
-                for batch in self._dataloader:
-                    micro_batches.append(batch)
-                    if len(micro_batches) < c.gradient_accumulation_steps:
-                        continue
-                    metrics = self.train_step(micro_batches, prof)
-                    micro_batches = []
-                    metrics["tokens_per_second"] = metrics["trained_tokens"] / (time.perf_counter() - t0)
-                    self._steps_done_in_epoch += 1
-                    pbar.update(1)
-                    pbar.set_postfix(step=self.global_step, loss=f"{metrics.get('loss', math.nan):.4f}")
-                    if self.global_step % c.log_every_n_steps == 0:
-                        if c.log_peak_memory_stats:
-                            metrics.update(report.memory_stats(self._device))
-                        self._metric_logger.log_dict(metrics, step=self.global_step)
+                epoch_steps = (curr_epoch, self._steps_done_in_epoch, self._steps_per_epoch)
+                with report.progress_bar(*epoch_steps, shown=self._strategy.is_main) as pbar:
+                    micro_batches, t0 = [], time.perf_counter()
+                    for batch in self._dataloader:
+                        micro_batches.append(batch)
+                        if len(micro_batches) < c.gradient_accumulation_steps:
+                            continue
+                        metrics = self.train_step(micro_batches, prof)
+                        micro_batches = []
+                        metrics["tokens_per_second"] = metrics["trained_tokens"] / (time.perf_counter() - t0)
+                        self._steps_done_in_epoch += 1
+                        pbar.update(1)
+                        loss, tok_s = metrics.get("loss", math.nan), metrics["tokens_per_second"]
+                        pbar.set_postfix(step=self.global_step, loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                        if self.global_step % c.log_every_n_steps == 0:
+                            if c.log_peak_memory_stats:
+                                metrics.update(report.memory_stats(self._device))
+                            self._metric_logger.log_dict(metrics, step=self.global_step)
 
-                    epoch_done = self._steps_done_in_epoch >= self._steps_per_epoch
-                    if epoch_done:
-                        self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
-                    # A signal seen by any process stops all of them, here and only here, so that every process
-                    # takes the same path (and the same collectives) from now on.
-                    if self._strategy.sum(torch.tensor(int(stop.requested))):
-                        self._stop_reason = "signal"  # save and leave quickly: no validation or samples now
-                        break
-                    if c.run_val_every_n_steps and self.global_step % c.run_val_every_n_steps == 0:
-                        self._validate()
-                    if c.sample_every_n_steps and self.global_step % c.sample_every_n_steps == 0:
-                        self._generate_samples()
-                    if self._stop_reason:
-                        break
-                    if c.save_every_n_steps and self.global_step % c.save_every_n_steps == 0:
-                        self.save_checkpoint()
-                    t0 = time.perf_counter()
-                    if epoch_done:
-                        break
-                pbar.close()
+                        epoch_done = self._steps_done_in_epoch >= self._steps_per_epoch
+                        if epoch_done:
+                            self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
+                        # A signal seen by any process stops all of them, here and only here, so that every process
+                        # takes the same path (and the same collectives) from now on.
+                        if self._strategy.sum(torch.tensor(int(stop.requested))):
+                            self._stop_reason = "signal"  # save and leave quickly: no validation or samples now
+                            break
+                        if c.run_val_every_n_steps and self.global_step % c.run_val_every_n_steps == 0:
+                            self._validate()
+                        if c.sample_every_n_steps and self.global_step % c.sample_every_n_steps == 0:
+                            self._generate_samples()
+                        if self._stop_reason:
+                            break
+                        if c.save_every_n_steps and self.global_step % c.save_every_n_steps == 0:
+                            self.save_checkpoint()
+                        t0 = time.perf_counter()
+                        if epoch_done:
+                            break
                 if self._stop_reason:
                     break
+                self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0  # also when the data ran out early
 
+            # Still under StopSignal: a signal now waits for the save (a second Ctrl-C quits at once).
             if self.last_checkpoint is None or self.last_checkpoint.name != checkpoints.step_name(self.global_step):
-                self.save_checkpoint()  # still under StopSignal: a signal now cannot cut the save short
+                self.save_checkpoint()
+            if self._stop_reason != "signal" and not c.save_adapter_weights_only:
+                self._write_merged_model()
         if self._stop_reason == "signal":
             log.info(f"Stopped at step {self.global_step}; resume with resume_from_checkpoint=True.")
             return
-        if not c.save_adapter_weights_only:
-            self._write_merged_model()
         self.val_losses["after"] = self.val_losses.get(self.global_step) or self._validate()
         if not c.sample_every_n_steps or self.global_step % c.sample_every_n_steps:
             self._generate_samples()  # at the end too, unless this step just sampled
@@ -313,18 +315,19 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         loss_sum, n_tokens = self._strategy.sum(loss_sum), self._strategy.sum(n_tokens)
         training.scale_grads(self._model, self._strategy.world_size / n_tokens.clamp(min=1))
         grad_norm = self._strategy.grad_norm(self.adapter_params.values(), self.cfg.clip_grad_norm)
-        self._optimizer.step()
+        if n_tokens > 0:  # no trained token on any process: no update (weight decay and momentum would move)
+            self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._lr_scheduler.step()
         self.global_step += 1
 
         n = int(n_tokens)
         metrics = {"lr": self._optimizer.param_groups[0]["lr"], "trained_tokens": n, "grad_norm": grad_norm.item()}
-        if n:  # a step whose samples have no trained token (prompts only) has no loss
+        if n:
             metrics["loss"] = (loss_sum / n).item()
             self.first_step_loss = metrics["loss"] if self.first_step_loss is None else self.first_step_loss
         else:
-            log.warning(f"Step {self.global_step} had no trained token (every label is masked): no loss logged.")
+            log.warning(f"Step {self.global_step} had no trained token (every label is masked): no update, no loss.")
         return metrics
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,9 +432,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             self._write_checkpoint(adapter, optimizer_state, rng_states)
         self._strategy.barrier()  # nobody moves on (or resumes) before the checkpoint is complete
         self.last_checkpoint = checkpoints.checkpoint_folder(self.cfg.output_dir, self.global_step)
-        log.info(
-            f"Step {self.global_step} checkpoint saved to {self.last_checkpoint} in {time.perf_counter() - t0:.1f}s."
-        )
+        log.info(f"Checkpoint {self.last_checkpoint} saved in {time.perf_counter() - t0:.1f}s.")
 
     def _write_checkpoint(self, adapter, optimizer_state, rng_states) -> None:
         state = {
@@ -478,9 +479,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
 
     def summary(self) -> str:
         """Printed at the end of a run: what training did to the loss, and where the outputs are."""
-        vocab = self._model.tok_embeddings.num_embeddings
+        vocab, adapter = self._model.tok_embeddings.num_embeddings, self.last_checkpoint / checkpoints.ADAPTER
         before, after = self.val_losses.get("before"), self.val_losses.get("after")
-        adapter = self.last_checkpoint / checkpoints.ADAPTER
         return report.summary(self.first_step_loss, vocab, before, after, adapter, self.merged_model)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lora_tools.errors import UserError
@@ -92,6 +93,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors reports a full disk as its own error type, with the OS error only in the text: give it the
+    OSError(ENOSPC) every other write raises."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        if "os error 28" in str(e) or "os error 122" in str(e):
+            raise OSError(errno.ENOSPC, f"{path}: {e}") from e
+        raise
+
+
 class AtomicFolder:
     """Files written into a hidden sibling folder, fsynced, then renamed to ``final`` in one step."""
 
@@ -119,7 +131,7 @@ class AtomicFolder:
 
     def write_safetensors(self, relpath: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        self.write(relpath, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        self.write(relpath, lambda p: _save_safetensors(tensors, p))
 
     def copy(self, relpath: str, source: Path) -> None:
         self.write(relpath, lambda p: shutil.copyfile(source, p))

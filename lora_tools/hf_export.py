@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from torchtune.models import convert_weights
 from torchtune.modules.peft import get_lora_module_names, get_merged_lora_ckpt
 
-from lora_tools.checkpoints import MERGED, AtomicFolder
+from lora_tools.checkpoints import DISK_FULL, MERGED, AtomicFolder
+from lora_tools.errors import UserError
 
 # The base model's files that a merged model needs beside its weights (copied when present).
 HF_SIDE_FILES = (
@@ -113,10 +114,9 @@ def merged_hf_weights(
 ) -> dict[str, torch.Tensor]:
     """Base weights (torchtune keys) with the adapter folded in, as Hugging Face keys and layout.
 
-    torchtune's merge adds into the weights in place: the adapted ones are copied first, so ``base`` is unchanged.
+    Consumes ``base``: torchtune's merge adds into its tensors in place (no second copy of a 3B model in memory).
     """
-    adapted = {k.rsplit(".lora_a.", 1)[0] + ".weight" for k in adapter if ".lora_a." in k}
-    state = {k: v.clone() if k in adapted else v for k, v in base.items()}
+    state = base
     state.update({k: v.to(base_dtype(base)) for k, v in adapter.items()})
     merged = get_merged_lora_ckpt(state, rank=spec.rank, alpha=spec.alpha)
     return convert_weights.tune_to_hf(merged, **_heads(hf_config))
@@ -138,7 +138,13 @@ def write_merged_model(
             source = Path(base_dir) / name
             if source.is_file():
                 folder.copy(name, source)
-    except BaseException:
+        return folder.rename_into_place()
+    except OSError as e:
         folder.discard()
-        raise
-    return folder.rename_into_place()
+        if e.errno not in DISK_FULL:
+            raise
+        raise UserError(
+            f"the disk filled up while writing the merged model into {checkpoint} (the partial folder is removed; "
+            "the adapter and resume state there are complete); free space, then write it with: python -m "
+            f"lora_tools.export --config <your config> --checkpoint {checkpoint}"
+        )

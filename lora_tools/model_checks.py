@@ -20,8 +20,12 @@ def meta_model(cfg_model: DictConfig) -> torch.nn.Module:
     """The config's model with shapes only. NF4 quantization (QLoRA) needs real weights, and does not change
     shapes, so it is left out here."""
     overrides = {"quantize_base": False} if cfg_model.get("quantize_base", False) else {}
-    with torch.device("meta"):
-        return config.instantiate(cfg_model, **overrides)
+    try:
+        with torch.device("meta"):
+            return config.instantiate(cfg_model, **overrides)
+    except (ValueError, TypeError, AssertionError) as e:  # a builder refusing a combination of its arguments
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model: {cfg_model._component_} refuses these settings: {reason}; change the model section")
 
 
 def _model_shape(model: torch.nn.Module) -> dict[str, int]:

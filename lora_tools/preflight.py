@@ -238,16 +238,21 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def estimated_output_bytes(cfg: DictConfig) -> int:
-    """Disk the run's checkpoints hold at once: each merged model is as large as the base files (adapters are
-    small), and with keep_last_n a new checkpoint is written before the oldest is deleted."""
-    if cfg.get("save_adapter_weights_only", False):
-        return 0
-    ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
-    files = cfg.checkpointer.checkpoint_files
-    names = list(files) if isinstance(files, ListConfig | list) else [files]
-    per_checkpoint = sum((ckpt_dir / str(n)).stat().st_size for n in names)
-    keep = cfg.get("keep_last_n", None)
-    return per_checkpoint * (keep + 1 if keep else 1)
+    """The least disk a run needs to finish: one step checkpoint (the adapter in the PEFT file and in the resume
+    state, and AdamW's two moments: four adapter-sized tensors) and, unless save_adapter_weights_only, the merged
+    model, as large as the base files. A disk that fills later (more checkpoints kept) is one line then."""
+    from torchtune.modules.peft import get_adapter_params
+
+    from lora_tools.model_checks import meta_model
+
+    adapter_numel = sum(p.numel() for p in get_adapter_params(meta_model(cfg.model)).values())
+    needed = 4 * adapter_numel * (2 if str(cfg.dtype) == "bf16" else 4)
+    if not cfg.get("save_adapter_weights_only", False):
+        ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
+        files = cfg.checkpointer.checkpoint_files
+        names = list(files) if isinstance(files, ListConfig | list) else [files]
+        needed += sum((ckpt_dir / str(n)).stat().st_size for n in names)
+    return needed
 
 
 def check_output_dir(cfg: DictConfig) -> None:

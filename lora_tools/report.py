@@ -1,4 +1,4 @@
-"""What a run shows its user besides the per-step metrics: memory, sample answers, and the closing summary."""
+"""What a run shows its user besides the per-step metrics: progress, memory, sample answers, the closing summary."""
 
 import math
 import resource
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torchtune import training, utils
+from tqdm import tqdm
 
 log = utils.get_logger("INFO")
 
@@ -15,6 +16,12 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return training.get_memory_stats(device=device)
     return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+
+
+def progress_bar(epoch: int, done: int, total: int, shown: bool) -> tqdm:
+    """One epoch's bar, in optimizer steps. Use it as a context: it is closed (its line ended) before an error
+    line is printed."""
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}", dynamic_ncols=True, disable=not shown)
 
 
 def log_samples(metric_logger, step: int, rows: list[tuple[str, str]]) -> None:

@@ -38,7 +38,7 @@ def setting(doc: str, default: Any = _REQUIRED, **rules: Any) -> Any:
 
 # Rules for plain values: (test, words for the message). The type itself comes from the annotation.
 POSITIVE = (lambda v: v > 0, "greater than 0")
-SEED_RANGE = (lambda v: 0 <= v < 2**31, "from 0 to 2147483647")
+SEED_RANGE = (lambda v: 0 <= v < 2**32, "from 0 to 4294967295")  # torchtune's range
 DTYPES = (lambda v: v in ("bf16", "fp32"), "bf16 or fp32")
 
 Component = DictConfig  # a section with _component_: the dotted path of a class or function, and its arguments
@@ -195,7 +195,13 @@ def _is_component_field(f: dataclasses.Field) -> bool:
 def _component_section(source: str, name: str, value: Any, f: dataclasses.Field) -> DictConfig | ListConfig | None:
     optional = not f.metadata["required"]
     default_component = f.metadata.get("default_component")
-    if isinstance(value, dict) and value.get("_component_", default_component) is None and optional:
+    if isinstance(value, dict) and optional and value.get("_component_", default_component) is None:
+        others = sorted(k for k in value if k != "_component_")
+        if others:  # a section with arguments but no _component_ (a typo in the key) must not switch it off
+            raise UserError(
+                f"{source}: {name} has {others[0]!r} but no _component_; add {name}._component_ (the dotted path "
+                f"of a class or function), or set {name}=null to turn it off"
+            )
         value = None  # `key=null` with torchtune's parser leaves the section with a null _component_
     if value is None:
         return None
@@ -271,6 +277,19 @@ def _extra_keyword_names(target: Any, node: dict) -> dict[str, Any] | None:
     torchtune's dataset builders pass **kwargs to ``datasets.load_dataset``: its own parameters, and for the
     packaged local-file loaders (json, csv, ...) the fields of that loader's config dataclass."""
     module = getattr(getattr(target, "func", target), "__module__", "") or ""
+    if module.startswith("torchtune.training.metric_logging"):
+        # Any key one of torchtune's loggers (or wandb.init, behind WandBLogger) understands, so that a config can
+        # switch loggers on the command line and keep the other's keys; anything else is a typo that would do
+        # nothing (DiskLogger ignores extra keywords) or fail late (wandb.init).
+        import wandb
+        from torchtune.training import metric_logging
+
+        loggers = [
+            obj for obj in vars(metric_logging).values() if isinstance(obj, type) and obj.__name__.endswith("Logger")
+        ]
+        names = {n for cls in loggers for n in inspect.signature(cls).parameters}
+        names |= set(inspect.signature(wandb.init).parameters)
+        return {n: inspect.Parameter.empty for n in names if n not in ("args", "kwargs")}
     if not module.startswith("torchtune.datasets"):
         return None
     import datasets

@@ -293,6 +293,25 @@ CASES = [
     ),
     Case("output-dir-is-a-file", ("output_dir", "is a file"), ("output_dir={tmp}/a_file/out",), files={"a_file": ""}),
     Case("compile-without-compiler", ("compile", "C++ compiler"), ("compile=True",), env={"PATH": "{tmp}/empty-bin"}),
+    Case(
+        "component-key-misspelt-in-optional-section",  # must not switch validation off silently
+        ("val_dataset has '_componet_' but no _component_", "val_dataset=null"),
+        config="{tmp}/typo.yaml",
+        files={
+            "typo.yaml": (REPO / "configs/tiny.yaml")
+            .read_text()
+            .replace(
+                "  _component_: torchtune.datasets.alpaca_dataset\n  source: json\n  data_files: assets/tiny/data/h",
+                "  _componet_: torchtune.datasets.alpaca_dataset\n  source: json\n  data_files: assets/tiny/data/h",
+            )
+        },
+    ),
+    Case("disk-logger-key-typo", ("did you mean 'metric_logger.filename'?",), ("metric_logger.filenme=a.txt",)),
+    Case(
+        "wandb-logger-key-typo",
+        ("did you mean 'metric_logger.project'?",),
+        (WANDB_LOGGER, "metric_logger.projet=x"),
+    ),
     # --- shapes: decided before any weights are read -----------------------------------------------------------
     Case(
         "builder-does-not-match-checkpoint",  # the 3B builder on the tiny checkpoint: meta-device build, 1 line
@@ -437,18 +456,28 @@ def test_tune_run_wandb_key_wrong_shape(tmp_path):
     assert "https://wandb.ai/authorize" in line and SHORT_WANDB_KEY not in text
 
 
-def test_disk_fills_during_a_save(tmp_path):
-    """A 2 MiB disk (a tmpfs in a private mount namespace): the run starts, and the first checkpoint cannot fit.
-    One error line, exit 2, the partial checkpoint folder removed, no `latest`."""
+DISK_FULL_RUNS = {
+    # 8 MiB: preflight's least need (one 4.5 MB step checkpoint, no merged model) fits; the second checkpoint not.
+    "step-checkpoint": ("8M", "save_adapter_weights_only=True", "the step 2 checkpoint", "step_0000001"),
+    # 20 MiB: one checkpoint and the merged model fit; three checkpoints and the merged model do not.
+    "merged-model": ("20M", "save_adapter_weights_only=False", "the merged model", "step_0000003"),
+}
+
+
+@pytest.mark.parametrize("what", DISK_FULL_RUNS)
+def test_disk_fills_during_a_save(tmp_path, what):
+    """A small disk (a tmpfs in a private mount namespace) that preflight accepts and that fills while a save is
+    written: one error line last, exit 2, the partial folder removed, `latest` on the last complete checkpoint."""
+    size, adapter_only, while_writing, latest = DISK_FULL_RUNS[what]
     small = tmp_path / "small"
     small.mkdir()
     out = small / "out"
-    args = f"--config configs/tiny.yaml output_dir={out} max_steps_per_epoch=2 save_adapter_weights_only=True"
-    args += " val_dataset=null sample_prompts=[]"
+    args = f"--config configs/tiny.yaml output_dir={out} max_steps_per_epoch=3 save_every_n_steps=1 keep_last_n=null"
+    args += f" {adapter_only} val_dataset=null sample_prompts=[]"
     cmd = (
-        f"mount -t tmpfs -o size=2M tmpfs {small} && cd {REPO} && {sys.executable} -m torchtune._cli.tune "
-        f"run lora_finetune_single_device.py {args}; status=$?; echo LEFT:; "
-        f"find {out} -name '.tmp-*' -o -name 'step_*' -o -name latest; exit $status"
+        f"mount -t tmpfs -o size={size} tmpfs {small} && cd {REPO} && {sys.executable} -m torchtune._cli.tune "
+        f"run lora_finetune_single_device.py {args}; status=$?; echo LEFT:; find {out} -name '.tmp-*'; "
+        f"cat {out}/checkpoints/latest; exit $status"
     )
     start = time.monotonic()
     result = subprocess.run(["unshare", "-m", "sh", "-c", cmd], env=offline_env(), capture_output=True, text=True)
@@ -457,10 +486,10 @@ def test_disk_fills_during_a_save(tmp_path):
     assert result.returncode == 2, text[-3000:]
     assert "Traceback" not in text
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "disk filled up" in errors[0] and "resume_from_checkpoint=True" in errors[0], errors
+    assert len(errors) == 1 and "disk filled up while writing " + while_writing in errors[0], errors
     assert result.stderr.strip().splitlines()[-1] == errors[0]  # the last word is the error
-    assert result.stdout.split("LEFT:", 1)[1].split() == []  # no partial checkpoint folder, no `latest`
-    TIMINGS["tune run: disk-fills-during-a-save"] = (seconds, errors[0])
+    assert result.stdout.split("LEFT:", 1)[1].split() == [latest]  # no partial folder; `latest` is complete
+    TIMINGS[f"tune run: disk-fills-during-a-save ({what})"] = (seconds, errors[0])
     assert seconds < MAX_SECONDS, seconds
 
 

@@ -29,14 +29,18 @@ def layer(dora: bool) -> tuple[dict, dict]:
     return base, adapter
 
 
+def copy(weights: dict) -> dict:
+    return {k: v.clone() for k, v in weights.items()}  # the merge consumes the base weights
+
+
 def hf(proj: str, kind: str = "weight") -> str:
     return f"model.layers.0.self_attn.{proj}.{kind}"
 
 
 def test_lora_adapter_in_peft_layout_reproduces_the_merged_weights():
     base, adapter = layer(dora=False)
-    merged = merged_hf_weights(base, adapter, spec(False), HF_CONFIG)
-    unmerged = merged_hf_weights(base, {}, spec(False), HF_CONFIG)
+    merged = merged_hf_weights(copy(base), adapter, spec(False), HF_CONFIG)
+    unmerged = merged_hf_weights(copy(base), {}, spec(False), HF_CONFIG)
     peft = peft_adapter_weights(adapter, HF_CONFIG)
     for proj in SHAPES:
         a = peft[f"base_model.model.{hf(proj, 'lora_A.weight')}"]

@@ -180,8 +180,11 @@ def test_val_dataset_list_is_checked_per_entry():
     assert "did you mean 'val_dataset[0].split'" in error(f"val_dataset=[{entry}]")
 
 
-def test_metric_logger_kwargs_take_anything():
-    assert parse("metric_logger.anything=1").metric_logger.anything == 1
+def test_metric_logger_keys_of_any_logger_pass_and_typos_do_not():
+    # A config can switch loggers and keep the other's keys (DiskLogger ignores W&B's project).
+    assert parse("metric_logger.project=p").metric_logger.project == "p"
+    with pytest.raises(UserError, match="did you mean 'metric_logger.filename'"):
+        parse("metric_logger.filenme=a.txt")
 
 
 # --- the command-line parser ---------------------------------------------------------------------------------
