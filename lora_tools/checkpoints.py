@@ -18,6 +18,7 @@ import errno
 import io
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -37,6 +38,26 @@ PROVENANCE = "provenance.json"
 ADAPTER = "adapter"
 MERGED = "model"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# What the recipe's resume state holds (lora_finetune_single_device.py, _write_checkpoint).
+STATE_KEYS = (
+    "global_step",
+    "seed",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "strategy",
+    "epoch",
+    "steps_done_in_epoch",
+    "total_steps",
+    "adapter",
+    "optimizer",
+    "lr_scheduler",
+    "rng",
+    "first_step_loss",
+    "best_val",
+    "evals_without_improvement",
+    "wandb_run_id",
+)
 
 
 def step_name(step: int) -> str:
@@ -193,7 +214,21 @@ def save(output_dir: str | os.PathLike, step: int, write: Callable[[AtomicFolder
 
 def load_recipe_state(folder: Path) -> dict[str, Any]:
     """The resume state: tensors and plain Python values only, so nothing in it can run code on load."""
-    return torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{folder / RECIPE_STATE} cannot be loaded safely ({reason[:120]}): it was written by an earlier "
+            "version of this project, or not by it; start a new output_dir"
+        )
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise UserError(
+            f"{folder / RECIPE_STATE} lacks {missing[0]!r}: it was written by an earlier version of this project; "
+            "start a new output_dir"
+        )
+    return state
 
 
 def check_same_geometry(

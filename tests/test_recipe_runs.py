@@ -5,6 +5,8 @@ import math
 import pytest
 from conftest import TINY, ln_vocab, logged_metrics, tiny_vocab_size, tune
 
+from lora_tools.checkpoints import STATE_KEYS, load_recipe_state
+
 
 def _summary_value(stdout: str, prefix: str) -> str:
     (line,) = [line for line in stdout.splitlines() if line.startswith(prefix)]
@@ -35,6 +37,7 @@ def test_tiny_demo_teaches_the_task(tmp_path):
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model/model.safetensors"):
         assert (ckpt / name).is_file(), name
     assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    assert set(load_recipe_state(ckpt)) == set(STATE_KEYS)  # the layout the resume code checks for
     assert f"{ckpt}/adapter" in result.stdout and f"{ckpt}/model" in result.stdout
 
 

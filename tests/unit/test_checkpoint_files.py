@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from lora_tools import checkpoints, provenance, rng
+from lora_tools.errors import UserError
 
 
 def write_checkpoint(output_dir, step: int, keep_last_n=None, payload: str = "x"):
     folder = checkpoints.AtomicFolder(checkpoints.checkpoint_folder(output_dir, step))
     folder.write("payload.txt", lambda p: p.write_text(payload))
-    folder.write(checkpoints.RECIPE_STATE, lambda p: torch.save({"global_step": step}, p))
+    state = {**dict.fromkeys(checkpoints.STATE_KEYS), "global_step": step}
+    folder.write(checkpoints.RECIPE_STATE, lambda p: torch.save(state, p))
     return checkpoints.publish(folder, keep_last_n=keep_last_n)
 
 
@@ -27,7 +29,7 @@ def test_publish_points_latest_at_the_new_folder_and_rotates_only_older_steps(tm
         write_checkpoint(tmp_path, step, keep_last_n=2)
     assert names(tmp_path) == ["latest", "step_0000009", "step_0000012"]
     assert checkpoints.latest_checkpoint(tmp_path).name == "step_0000012"
-    assert checkpoints.load_recipe_state(checkpoints.latest_checkpoint(tmp_path)) == {"global_step": 12}
+    assert checkpoints.load_recipe_state(checkpoints.latest_checkpoint(tmp_path))["global_step"] == 12
 
 
 def test_an_unpublished_folder_is_never_latest_and_is_cleaned_up_by_the_next_publish(tmp_path):
@@ -104,5 +106,13 @@ def test_a_pickled_object_in_recipe_state_is_refused(tmp_path):
     folder = tmp_path / "step_0000001"
     folder.mkdir()
     torch.save({"hook": Unsafe()}, folder / checkpoints.RECIPE_STATE)  # a class instance: needs the full unpickler
-    with pytest.raises(Exception, match="weights_only"):
+    with pytest.raises(UserError, match="cannot be loaded safely.*start a new output_dir"):
+        checkpoints.load_recipe_state(folder)
+
+
+def test_a_recipe_state_of_another_layout_is_one_line(tmp_path):
+    folder = tmp_path / "step_0000001"
+    folder.mkdir()
+    torch.save({"global_step": 1}, folder / checkpoints.RECIPE_STATE)
+    with pytest.raises(UserError, match="lacks 'seed'.*earlier version"):
         checkpoints.load_recipe_state(folder)
