@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from lora_finetune_single_device import LoRAFinetuneRecipe, log
+from lora_tools import settings
 from lora_tools.errors import UserError
 from lora_tools.launch import recipe_main
 from lora_tools.parallel import FSDP2
@@ -47,16 +48,13 @@ def main(cfg: DictConfig) -> None:
             "lora_finetune_distributed.py runs under torchrun: tune run --nproc_per_node N "
             "lora_finetune_distributed.py --config ... (for one GPU, use lora_finetune_single_device.py)"
         )
-    device = utils.get_device(cfg.device)
-    backend = training.get_distributed_backend(device.type, cfg.get("fsdp_cpu_offload", False))
+    s = settings.parse(cfg, source="config")
+    device = utils.get_device(s.device)
+    backend = training.get_distributed_backend(device.type, s.fsdp_cpu_offload)
     # 30 minutes (NCCL's default is 10): the others wait while the first process writes the merged model.
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     try:
-        strategy = FSDP2(
-            device,
-            cfg.get("fsdp_cpu_offload", False),
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
-        )
+        strategy = FSDP2(device, s.fsdp_cpu_offload, reshard_after_forward=s.fsdp_reshard_after_forward)
         if strategy.is_main:
             config.log_config(recipe_name="LoRAFinetuneRecipe (FSDP2)", cfg=cfg)
         else:

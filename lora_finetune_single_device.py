@@ -37,7 +37,7 @@ from lora_tools.adapter_init import initial_adapter_weights
 from lora_tools.data import EvalShard, build_dataset, collate_for
 from lora_tools.decoder import Trunk
 from lora_tools.errors import UserError
-from lora_tools.inference import greedy, prompt_tokens, uses_alpaca
+from lora_tools.inference import greedy, last_position_logits, prompt_tokens, uses_alpaca
 from lora_tools.launch import recipe_main
 from lora_tools.parallel import OneDevice
 from lora_tools.stopping import StopSignal
@@ -401,20 +401,19 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if not self.cfg.sample_prompts:
             return
         self._model.eval()
-        rows = []
+        rows, last = [], last_position_logits(self._model, self._trunk)
+
+        def logits(*args):  # the same on every process, so all decode the same tokens
+            return self._strategy.shared_logits(last(*args))
+
         for prompt in self.cfg.sample_prompts:
             tokens = prompt_tokens(self._tokenizer, prompt, self._alpaca_prompts)
             stop = self._tokenizer.stop_tokens
-            ids = list(greedy(self._model, self.next_token_logits, tokens, max_new_tokens, stop, self._device))
+            ids = list(greedy(self._model, logits, tokens, max_new_tokens, stop, self._device))
             rows.append((prompt, self._tokenizer.decode(ids)))
         self._model.train()
         if self._strategy.is_main:
             report.log_samples(self._metric_logger, self.global_step, rows)
-
-    def next_token_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits of the last position (the output layer on that position only), the same on every process."""
-        hidden = self._trunk(tokens, input_pos=input_pos, mask=mask)
-        return self._strategy.shared_logits(self._head(hidden[:, -1])[0])
 
     # ---- checkpoints ----
 
