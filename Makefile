@@ -2,6 +2,7 @@
 #   make demo   # venv + pinned install + tiny assets + a LoRA finetune on the CPU (about a minute)
 #   make test   # the same environment + test tools, then the test suite
 #   make unit   # only the fast in-process tests (tests/unit), without the .venv-hf environment
+#   make demo-chat  # the demo on generated conversations, rendered with the tiny model's chat template
 #   make bench  # speed and memory next to torchtune's recipe and TRL (not part of make test)
 # Other targets: make assets, make lint, make clean.
 
@@ -14,12 +15,13 @@ TINY   := assets/tiny
 # The demo and the tests never touch the network (model, tokenizer and data are generated locally).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: demo test unit bench install test-install hf-install assets lint clean
+.PHONY: demo demo-chat test unit bench install test-install hf-install assets lint clean
 
 install: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
 test-install: $(VENV)/.test-installed
@@ -40,6 +42,9 @@ $(TINY)/model.safetensors: lora_tools/tiny_assets.py $(VENV)/.installed
 
 demo: install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny.yaml
+
+demo-chat: install assets
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_chat.yaml
 
 test: test-install hf-install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q tests

@@ -34,10 +34,10 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 
 from lora_tools import checkpoints, hf_export, model_checks, provenance, report, rng, settings
 from lora_tools.adapter_init import initial_adapter_weights
-from lora_tools.data import EvalShard, build_dataset, collate_for
+from lora_tools.batching import EvalShard, build_dataset, collate_for
 from lora_tools.decoder import Trunk
 from lora_tools.errors import UserError
-from lora_tools.inference import greedy, last_position_logits, prompt_tokens, uses_alpaca
+from lora_tools.inference import PromptFormat, greedy, last_position_logits
 from lora_tools.launch import recipe_main
 from lora_tools.parallel import OneDevice
 from lora_tools.stopping import StopSignal
@@ -58,7 +58,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._dtype = training.get_dtype(self.cfg.dtype, device=self._device)
         self._strategy = strategy or OneDevice(self._device)
         self._provenance = provenance.provenance(cfg)
-        self._alpaca_prompts = uses_alpaca(cfg)  # sample prompts are wrapped as the training samples were
         self.seed = training.set_seed(seed=self.cfg.seed)
         # Where training stands; a resumed run takes these from its checkpoint.
         self.global_step, self.epochs_run, self._steps_done_in_epoch = 0, 0, 0  # the last: optimizer steps
@@ -80,6 +79,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             model_checks.check_adapter_matches(c.model, resume["adapter"], self.last_checkpoint)
 
         self._tokenizer = config.instantiate(c.tokenizer)
+        self._prompt_format = PromptFormat(c, self._tokenizer)  # sample prompts formatted as the training data
         self._loss_fn = config.instantiate(c.loss)
         if c.compile:
             self._loss_fn = training.compile_loss(self._loss_fn)
@@ -149,7 +149,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         Evaluation: every sample once, in order, split across processes."""
         world, rank = self._strategy.world_size, self._strategy.rank
         ignore = self._loss_fn.ignore_index
-        ds, packed = build_dataset(cfg_dataset, self._tokenizer, ignore)
+        ds, packed, summary, _ = build_dataset(cfg_dataset, self._tokenizer, ignore)
+        if self._strategy.is_main:  # what the data gives the model, before any weights load (lora_tools.data)
+            summary.log("val_dataset" if evaluation else "dataset")
         if evaluation:
             ds = EvalShard(ds, rank, world, ignore)
             sampler = StatefulDistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)
@@ -340,7 +342,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of the per-token losses of one batch, and how many tokens it trains on.
 
-        Labels arrive already shifted (see lora_tools.data), so position i's label is token i+1. The output
+        Labels arrive already shifted (see lora_tools.batching), so position i's label is token i+1. The output
         layer runs on the labelled positions only: prompts and padding cost nothing more.
         """
         labels = batch.pop("labels")
@@ -407,7 +409,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             return self._strategy.shared_logits(last(*args))
 
         for prompt in self.cfg.sample_prompts:
-            tokens = prompt_tokens(self._tokenizer, prompt, self._alpaca_prompts)
+            tokens = self._prompt_format.tokens([{"role": "user", "content": prompt}])
             stop = self._tokenizer.stop_tokens
             ids = list(greedy(self._model, logits, tokens, max_new_tokens, stop, self._device))
             rows.append((prompt, self._tokenizer.decode(ids)))

@@ -1,98 +1,78 @@
-"""Datasets and batches for the recipes.
+"""Look at the training data as the model will see it, before training.
 
-Labels are shifted to next-token targets per sample, before packing; torchtune's recipe shifts the whole packed
-row after. With torchtune's Llama 3 tokenizer each sample's first label (BOS) is masked, so on alpaca and chat
-data both ways train on the same (token, label) pairs. They differ where a sample's first label is a real
-token (text completion): there the whole-row shift also trains each packed sample's last token to predict the
-next sample's first, and the per-sample shift does not (tests/unit/test_label_shift.py shows both cases).
-Shifted labels also let the loss take the labels as they come, packed or not.
+    python -m lora_tools.data --config configs/tiny_chat.yaml              # 3 samples and the summary
+    python -m lora_tools.data --config CFG --show 10 tokenizer.max_seq_len=1024
+
+Prints the first samples as the token ids decode, the trained tokens marked, then for the whole dataset (and
+val_dataset): samples, tokens per sample, how many are truncated at tokenizer.max_seq_len and how many tokens
+that cuts, samples with nothing to train on, and how full packed rows are. Reads no model weights. The recipes
+log the same summary when they start.
 """
 
-import importlib
-from collections.abc import Callable
-from functools import partial
-from typing import Any
+import argparse
+import sys
 
-import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import ConcatDataset, Dataset
 from torchtune import config
-from torchtune.data import padded_collate_packed
-from torchtune.datasets import PackedDataset
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from lora_tools.errors import UserError
+from lora_tools import preflight, settings
+from lora_tools.batching import BuiltDataset, build_dataset
+from lora_tools.errors import UserError, fail
+from lora_tools.launch import load_config
 
-
-class NextTokenLabels(Dataset):
-    """Wrap a tokenized dataset so ``labels[i]`` is the target for ``tokens[i]`` (the next token)."""
-
-    def __init__(self, ds: Dataset, ignore_index: int):
-        self._ds = ds
-        self._ignore_index = ignore_index
-
-    def __len__(self) -> int:
-        return len(self._ds)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = dict(self._ds[index])
-        labels = list(sample["labels"])
-        sample["labels"] = labels[1:] + [self._ignore_index]
-        return sample
+TRAINED_START, TRAINED_END = "\x1b[32m", "\x1b[0m"  # green on a terminal
+PLAIN_START, PLAIN_END = "«", "»"  # in a file or pipe
 
 
-class EvalShard(Dataset):
-    """One process's share of an evaluation set: samples ``rank, rank + world_size, ...``.
-
-    Shares differ by at most one sample; the shorter ones end with a copy of sample 0 whose labels are all
-    ignored, so every process runs the same number of forward passes (FSDP needs all of them in each one) and
-    the summed loss and token count are those of the whole set, each sample once.
-    """
-
-    def __init__(self, ds: Dataset, rank: int, world_size: int, ignore_index: int):
-        self._ds, self._rank, self._world_size, self._ignore_index = ds, rank, world_size, ignore_index
-
-    def __len__(self) -> int:
-        return -(-len(self._ds) // self._world_size)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        position = index * self._world_size + self._rank
-        if position < len(self._ds):
-            return self._ds[position]
-        filler = dict(self._ds[0])
-        labels = filler["labels"]  # a list, or a tensor when packed
-        if torch.is_tensor(labels):
-            filler["labels"] = torch.full_like(labels, self._ignore_index)
-        else:
-            filler["labels"] = [self._ignore_index] * len(labels)
-        return filler
+def marked_text(tokenizer, tokens: list[int], trained: list[bool], start: str, end: str) -> str:
+    """The sample's text with each run of trained tokens between ``start`` and ``end``."""
+    out, run, run_trained = [], [], None
+    for token, is_trained in [*zip(tokens, trained, strict=True), (None, None)]:
+        if is_trained != run_trained and run:
+            text = tokenizer.decode(run, truncate_at_eos=False, skip_special_tokens=False)
+            out.append(f"{start}{text}{end}" if run_trained else text)
+            run = []
+        run.append(token)
+        run_trained = is_trained
+    return "".join(out)
 
 
-def build_dataset(cfg_dataset: DictConfig | ListConfig, tokenizer, ignore_index: int) -> tuple[Dataset, bool]:
-    """Instantiate one dataset or a list of them, shift labels per sample, then pack if asked.
-
-    Returns the dataset and whether it is packed. ``packed`` is read from the config but never passed to the
-    builder: packing happens here, after the shift.
-    """
-    cfgs = list(cfg_dataset) if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
-    parts, packed_flags = [], []
-    for cfg in cfgs:
-        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        packed_flags.append(bool(cfg.pop("packed", False)))
-        parts.append(NextTokenLabels(config.instantiate(cfg, tokenizer), ignore_index))
-    if len(set(packed_flags)) > 1:
-        raise UserError("dataset: either every dataset in the list sets packed: True or none does")
-    ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-    packed = packed_flags[0]
-    if packed:
-        if tokenizer.max_seq_len is None:
-            raise UserError("dataset.packed is True but tokenizer.max_seq_len is null; set tokenizer.max_seq_len=2048")
-        ds = PackedDataset(ds, max_seq_len=tokenizer.max_seq_len, padding_idx=tokenizer.pad_id)
-    return ds, packed
+def show_samples(tokenizer, built: BuiltDataset, count: int, out=None) -> None:
+    out = out or sys.stdout
+    start, end = (TRAINED_START, TRAINED_END) if out.isatty() else (PLAIN_START, PLAIN_END)
+    out.write(f"trained tokens are marked {start}like this{end}\n")
+    for i in range(min(count, len(built.samples))):
+        sample = built.samples[i]
+        tokens = list(sample["tokens"])
+        # labels are shifted: token j is trained when the label at j - 1 (its prediction) is kept
+        trained = [False] + [label != CROSS_ENTROPY_IGNORE_IDX for label in sample["labels"][:-1]]
+        out.write(f"--- sample {i} ({len(tokens)} tokens, {sum(trained)} trained)\n")
+        out.write(marked_text(tokenizer, tokens, trained, start, end) + "\n")
 
 
-def collate_for(packed: bool, collate_fn: str, pad_id: int, ignore_index: int) -> Callable:
-    """Packed rows are already padded; unpacked samples are padded to the longest in the batch."""
-    if packed:
-        return padded_collate_packed
-    module, _, name = collate_fn.rpartition(".")
-    return partial(getattr(importlib.import_module(module), name), padding_idx=pad_id, ignore_idx=ignore_index)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--show", type=int, default=3, help="samples to print (default: %(default)s)")
+    args, overrides = parser.parse_known_args(argv)
+    if args.show < 0:
+        return fail(f"--show {args.show}: give 0 or more samples to print")
+    try:
+        cfg = load_config(["--config", args.config, *overrides])
+        settings.parse(cfg, args.config)  # the same typo and value checks as training
+        preflight.check_datasets(cfg)
+        tokenizer = config.instantiate(cfg.tokenizer)
+        sections = [("dataset", cfg.dataset)] + ([("val_dataset", cfg.val_dataset)] if cfg.get("val_dataset") else [])
+        built = {name: build_dataset(section, tokenizer, CROSS_ENTROPY_IGNORE_IDX) for name, section in sections}
+    except UserError as e:
+        return fail(str(e))
+    show_samples(tokenizer, built["dataset"], args.show)
+    for name, b in built.items():
+        print("\n".join(b.summary.lines(name)))
+        if warning := b.summary.truncation_warning(name):
+            print(f"warning: {warning}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,12 @@
-"""Try the finetuned model: greedy answers in the Llama 3 instruct chat template, streamed to the terminal.
+"""Try the finetuned model: greedy answers, streamed to the terminal, to prompts in its training data's format.
 
     python -m lora_tools.generate --config configs/tiny.yaml --prompt "What color is the lemon?"
     python -m lora_tools.generate --config lora_finetune_single_device.yaml          # interactive chat
+    python -m lora_tools.generate --config configs/tiny_chat.yaml --system "Answer in one short sentence."
     python -m lora_tools.generate --config ... --checkpoint outputs/.../step_0000500 --merged
 
+A config whose dataset is built by lora_tools.sft_data formats the conversation with the chat template that
+dataset renders (the base model's own), as a server would; interactive chat keeps the conversation's turns.
 By default it loads the base model named by the config plus the adapter of the newest checkpoint under
 output_dir (--checkpoint picks another; --merged loads that checkpoint's merged model instead). Extra key=value
 arguments override the config as with `tune run` (e.g. device=cpu).
@@ -17,14 +20,14 @@ from torchtune import config
 
 from lora_tools import settings
 from lora_tools.errors import UserError, fail
-from lora_tools.inference import greedy, last_position_logits, load_model, prompt_tokens, uses_alpaca
+from lora_tools.inference import PromptFormat, greedy, last_position_logits, load_model
 from lora_tools.launch import load_config
 
 
-def answer(tokenizer, model, trunk, prompt: str, max_new_tokens: int, alpaca: bool, out=sys.stdout) -> list[int]:
-    """Stream one greedy answer to ``out``; returns its token ids."""
+def answer(tokenizer, model, trunk, tokens: list[int], max_new_tokens: int, out=None) -> list[int]:
+    """Stream one greedy answer to the prompt ``tokens`` to ``out`` (stdout); returns its token ids."""
+    out = out or sys.stdout
     device = next(model.parameters()).device
-    tokens = prompt_tokens(tokenizer, prompt, alpaca)
     generated, shown = [], ""
     logits = last_position_logits(model, trunk)
     for token in greedy(model, logits, tokens, max_new_tokens, tokenizer.stop_tokens, device):
@@ -41,6 +44,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--prompt", help="answer this and exit (default: interactive chat)")
+    parser.add_argument("--system", help="a system message before the conversation")
+    parser.add_argument("--print-prompt-ids", action="store_true", help="print the prompt's token ids first")
     parser.add_argument("--checkpoint", type=Path, help="a checkpoints/step_N folder (default: the newest)")
     parser.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -50,10 +55,11 @@ def main(argv=None) -> int:
         cfg = load_config(["--config", args.config, *overrides])
         settings.parse(cfg, args.config)  # the same typo and value checks as training
         tokenizer = config.instantiate(cfg.tokenizer)
+        prompts = PromptFormat(cfg, tokenizer)
         model, trunk = load_model(cfg, args.checkpoint, args.merged)
     except UserError as e:
         return fail(str(e))
-    alpaca = uses_alpaca(cfg)
+    conversation = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         if args.prompt is None:
             try:
@@ -61,10 +67,19 @@ def main(argv=None) -> int:
             except (EOFError, KeyboardInterrupt):
                 print()
                 return 0
-            sys.stdout.write("model> ")
         else:
             prompt = args.prompt
-        ids = answer(tokenizer, model, trunk, prompt, args.max_new_tokens, alpaca)
+        conversation.append({"role": "user", "content": prompt})
+        try:
+            tokens = prompts.tokens(conversation)
+        except UserError as e:
+            return fail(str(e))
+        if args.print_prompt_ids:
+            print("prompt ids:", " ".join(map(str, tokens)))
+        if args.prompt is None:
+            sys.stdout.write("model> ")
+        ids = answer(tokenizer, model, trunk, tokens, args.max_new_tokens)
+        conversation.append({"role": "assistant", "content": tokenizer.decode(ids)})
         if args.print_token_ids:
             print("token ids:", " ".join(map(str, ids)))
         if args.prompt is not None:

@@ -15,6 +15,7 @@ from torchtune.data import AlpacaToMessages, Message
 from torchtune.modules.common_utils import local_kv_cache
 
 from lora_tools import checkpoints, preflight
+from lora_tools.chat_template import ChatFormat
 from lora_tools.decoder import Trunk
 from lora_tools.errors import UserError
 
@@ -22,24 +23,42 @@ from lora_tools.errors import UserError
 NextTokenLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def prompt_tokens(tokenizer, prompt: str, alpaca: bool = False) -> list[int]:
-    """Llama 3 instruct template: the user turn, then the assistant header, ready for the answer.
+class PromptFormat:
+    """Prompts in the format the training data had, so the model is asked the way it learned to answer.
 
-    With ``alpaca`` the user turn is first wrapped in the alpaca instruction prompt, as the alpaca datasets
-    format every training sample, so the model sees what it was trained on.
+    Datasets built by lora_tools.sft_data: the chat template they render with (and an instruction dataset's
+    system prompt), so a prompt here equals ``apply_chat_template(messages, add_generation_prompt=True)``.
+    torchtune's datasets: its Llama 3 format, each user turn wrapped in the alpaca prompt for alpaca data.
     """
-    if alpaca:
-        user = AlpacaToMessages()({"instruction": prompt, "input": "", "output": ""})["messages"][0]
-    else:
-        user = Message(role="user", content=prompt)
-    tokens, _ = tokenizer.tokenize_messages([user, Message(role="assistant", content="")], add_end_tokens=False)
-    return tokens
 
+    def __init__(self, cfg: DictConfig, tokenizer):
+        first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
+        component = str(first.get("_component_", ""))
+        self._tokenizer = tokenizer
+        self._chat, self._system, self._alpaca = None, None, "alpaca" in component
+        if component.startswith("lora_tools.sft_data."):
+            kwargs = first.get("chat_template_kwargs", None)
+            kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else None
+            self._chat = ChatFormat(tokenizer, first.get("chat_template", None), kwargs)
+            self._system = first.get("system_prompt", None)
 
-def uses_alpaca(cfg: DictConfig) -> bool:
-    """Whether the config trains on an alpaca-format dataset (so prompts should be wrapped the same way)."""
-    datasets = cfg.dataset if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
-    return any("alpaca" in str(d.get("_component_", "")) for d in datasets)
+    def tokens(self, messages: list[dict]) -> list[int]:
+        """The conversation so far, ending with the assistant header, ready for the answer."""
+        if self._chat is not None:
+            if self._system and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self._system}, *messages]
+            return self._chat.prompt(messages)
+        turns = []
+        for m in messages:
+            if m["role"] == "user" and self._alpaca:
+                turns.append(
+                    AlpacaToMessages()({"instruction": m["content"], "input": "", "output": ""})["messages"][0]
+                )
+            else:
+                turns.append(Message(role=m["role"], content=m["content"]))
+        turns.append(Message(role="assistant", content=""))
+        tokens, _ = self._tokenizer.tokenize_messages(turns, add_end_tokens=False)
+        return tokens
 
 
 def last_position_logits(decoder, trunk: Trunk) -> NextTokenLogits:

@@ -8,11 +8,18 @@ no account and no GPU, yet exercise the same loading code as the real model:
 - ``original/tokenizer.model``: a tiktoken BPE file read by torchtune's real ``Llama3Tokenizer``, with
   ``special_tokens.json`` (the added_tokens part of a Hugging Face tokenizer.json) naming its 256 special tokens
   (same names and order as Llama 3's, smaller ids).
+- ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``: the same tokenizer for Hugging Face
+  (``AutoTokenizer``), laid out like Llama 3's and cutting text into the same ids as the tiktoken file, with
+  <|begin_of_text|> as bos, <|eot_id|> as eos and a chat template (``CHAT_TEMPLATE``) that renders Llama 3.2
+  Instruct's chat format.
 - ``data/train.json`` and ``data/heldout.json``: alpaca-format instruction data (instruction, input, output)
   written here from word lists, nothing taken from a public dataset.
+- ``data/chat_train.jsonl`` and ``data/chat_heldout.jsonl``: the same tasks as chats, one
+  ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line (OpenAI style): an optional system prompt, then
+  one to three user/assistant exchanges.
 
 Why the model is shaped as it is: LoRA cannot move embeddings or norms, so with a random 128k-token base
-it barely moves the loss. A small vocabulary (about two thousand tokens) built from the demo's own words,
+it barely moves the loss. A small vocabulary (1230 tokens, 256 of them special) built from the demo's own words,
 and weights drawn with std 0.02 (a first loss near ln(vocab size), not torchtune's inflated default init),
 let a few hundred LoRA steps visibly learn the task.
 
@@ -179,6 +186,51 @@ def build_dataset(seed: int = SEED) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
+# Multi-turn chat data: the same tasks as OpenAI-style messages. System prompts use words the vocabulary
+# already has, so they cost a handful of tokens each; they ask for nothing the answers do not already do.
+N_CHAT_TRAIN, N_CHAT_HELDOUT = 1000, 100
+CHAT_SEED = SEED + 1  # a stream of its own, so the alpaca data above keeps its bytes
+SYSTEM_PROMPTS = [
+    "Write a response that appropriately completes the request.",
+    "Give a short answer.",
+    "Write the answer in words.",
+    "Give the answer in words.",
+]
+
+
+def _user_text(example: dict) -> str:
+    return example["instruction"] + (f"\n{example['input']}" if example["input"] else "")
+
+
+def _conversation(rng: random.Random) -> dict:
+    """One chat: half the time a system prompt, then one to three user/assistant exchanges."""
+    messages = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    for _ in range(rng.randint(1, 3)):
+        e = _example(rng)
+        messages += [{"role": "user", "content": _user_text(e)}, {"role": "assistant", "content": e["output"]}]
+    return {"messages": messages}
+
+
+def _first_user_text(conversation: dict) -> str:
+    return next(m["content"] for m in conversation["messages"] if m["role"] == "user")
+
+
+def build_chat_dataset(seed: int = CHAT_SEED) -> tuple[list[dict], list[dict]]:
+    """Train and held-out chats; no held-out chat opens with a user message that train contains anywhere."""
+    rng = random.Random(seed)
+    train = [_conversation(rng) for _ in range(N_CHAT_TRAIN)]
+    seen = {m["content"] for c in train for m in c["messages"] if m["role"] == "user"}
+    heldout = []
+    while len(heldout) < N_CHAT_HELDOUT:
+        c = _conversation(rng)
+        if _first_user_text(c) not in seen:
+            heldout.append(c)
+            seen.add(_first_user_text(c))
+    return train, heldout
+
+
 # --- the tokenizer -------------------------------------------------------------------------------------
 
 # Text the real pipeline wraps around each sample (torchtune's alpaca prompt and Llama 3 chat headers), so
@@ -211,6 +263,165 @@ def special_tokens(base_vocab: int) -> dict[str, int]:
     start at 128000; its <|image|> sits at 128256, here in the slot it would otherwise leave empty)."""
     names = LLAMA3_FIRST_SPECIAL_TOKENS + [f"<|reserved_special_token_{i}|>" for i in range(2, 245)]
     return {name: base_vocab + i for i, name in enumerate(names)}
+
+
+# --- the same tokenizer in Hugging Face's format -------------------------------------------------------
+
+BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|eot_id|>"  # as Llama 3.2 Instruct's tokenizer_config.json
+
+# Llama 3.2 Instruct's chat format (what its own template renders when no tools are given), written for this
+# project. Hugging Face renders chat templates with trim_blocks and lstrip_blocks, and passes `messages`,
+# `add_generation_prompt`, `bos_token`, `tools` and the caller's extra keywords; `strftime_now` and
+# `raise_exception` are globals it provides. The system block is always written, with today's date unless the
+# caller passes `date_string`; only the first message may be a system message.
+CHAT_TEMPLATE = r"""{{- bos_token }}
+{%- if date_string is not defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if messages and messages[0]["role"] == "system" %}
+    {%- set system_text = messages[0]["content"] | trim %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set system_text = "" %}
+    {%- set turns = messages %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " ~ date_string ~ "\n\n" }}
+{{- system_text ~ "<|eot_id|>" }}
+{%- for message in turns %}
+    {%- if message["role"] == "system" %}
+        {{- raise_exception("Only the first message may have the role 'system'.") }}
+    {%- elif message["role"] not in ["user", "assistant"] %}
+        {{- raise_exception("Unsupported role '" ~ message["role"] ~ "': use system, user or assistant.") }}
+    {%- endif %}
+    {{- "<|start_header_id|>" ~ message["role"] ~ "<|end_header_id|>\n\n" }}
+    {{- (message["content"] | trim) ~ "<|eot_id|>" }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- "<|start_header_id|>assistant<|end_header_id|>\n\n" }}
+{%- endif %}"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as one printable character, so a token's bytes become a string.
+
+    Bytes that are printable Latin-1 characters (other than space and the soft hyphen) stand for themselves;
+    the other 68 bytes take the characters 256, 257, ... in byte order (so a space is "Ġ", a newline "Ċ").
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in visible}
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + len(table) - len(visible))
+    return dict(sorted(table.items()))
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Merge rules under which Hugging Face's BPE cuts text as tiktoken does with ``ranks``.
+
+    tiktoken repeatedly joins the adjacent pair of parts whose concatenation has the lowest rank; every part is
+    a token. So each token of two or more bytes gets a rule for every way to split it into two tokens, and
+    rules are ordered by the joined token's rank (then by the halves' ranks, which only orders equal results).
+    """
+    merges = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def hf_tokenizer_json(ranks: dict[bytes, int], specials: dict[str, int]) -> dict:
+    """A tokenizer.json laid out like Llama 3's: the pre-tokenisation pattern, byte-level BPE with
+    ``ignore_merges`` (a piece that is a token is taken whole, as tiktoken does), the special tokens as added
+    tokens, and <|begin_of_text|> put in front by the post-processor."""
+    alphabet = bytes_to_unicode()
+
+    def show(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    bos = {"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": name,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for name, i in sorted(specials.items(), key=lambda x: x[1])
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": CL100K_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "Sequence",
+            "processors": [
+                {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+                {
+                    "type": "TemplateProcessing",
+                    "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [
+                        bos,
+                        {"Sequence": {"id": "A", "type_id": 0}},
+                        {"SpecialToken": {"id": BOS_TOKEN, "type_id": 1}},
+                        {"Sequence": {"id": "B", "type_id": 1}},
+                    ],
+                    "special_tokens": {
+                        BOS_TOKEN: {"id": BOS_TOKEN, "ids": [specials[BOS_TOKEN]], "tokens": [BOS_TOKEN]}
+                    },
+                },
+            ],
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {show(token): rank for token, rank in ranks.items()},
+            "merges": [f"{show(left)} {show(right)}" for left, right in bpe_merges(ranks)],
+        },
+    }
+
+
+def write_hf_tokenizer(out: Path, ranks: dict[bytes, int], specials: dict[str, int]) -> None:
+    """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+    tokenizer = hf_tokenizer_json(ranks, specials)
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "model_max_length": 131072,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
 
 # --- the model -----------------------------------------------------------------------------------------
@@ -308,9 +519,21 @@ def build(out: Path) -> dict:
 
     write_model(out, vocab_size, specials)
 
+    write_hf_tokenizer(out, ranks, specials)
+
     (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")
-    return {"vocab_size": vocab_size, "train": len(train), "heldout": len(heldout), "out": str(out)}
+    chat_train, chat_heldout = build_chat_dataset()
+    for name, chats in (("chat_train.jsonl", chat_train), ("chat_heldout.jsonl", chat_heldout)):
+        (out / "data" / name).write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return {
+        "vocab_size": vocab_size,
+        "train": len(train),
+        "heldout": len(heldout),
+        "chat_train": len(chat_train),
+        "chat_heldout": len(chat_heldout),
+        "out": str(out),
+    }
 
 
 def main(argv=None) -> int:
@@ -320,7 +543,7 @@ def main(argv=None) -> int:
     summary = build(args.out)
     print(
         f"tiny assets: vocab {summary['vocab_size']}, {summary['train']} train + {summary['heldout']} held-out "
-        f"samples -> {summary['out']}"
+        f"samples, {summary['chat_train']} train + {summary['chat_heldout']} held-out chats -> {summary['out']}"
     )
     return 0
 

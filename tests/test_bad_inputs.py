@@ -31,6 +31,29 @@ CHAT = (
 )
 BROKEN_YAML = "output_dir: x\n\nmodel:\n  _component_: a\n  lora_rank: 8\n  lora_alpha: 16\n  lora_dropout 0\n"
 NOT_UTF8 = b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]\n'  # Latin-1, as some editors save
+# Your own data (lora_tools.sft_data): configs/tiny_chat.yaml reading {tmp}/data.<suffix>
+OWN = "configs/tiny_chat.yaml"
+GOOD_CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+INSTRUCTIONS = (
+    "dataset._component_=lora_tools.sft_data.instruction_dataset",
+    "~dataset.conversation_column",
+    "~dataset.train_on",
+    "dataset.prompt_column=prompt",
+    "dataset.completion_column=completion",
+    "dataset.input_column=null",
+    "dataset.source={tmp}/data.jsonl",
+)
+
+
+def _chat_rows(*rows: str, good_before: int = 0) -> str:
+    return "\n".join([GOOD_CHAT] * good_before + list(rows)) + "\n"
+
+
+def _write_parquet(tmp: Path, monkeypatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"conversation": [[{"role": "user", "content": "hi"}]]}), tmp / "data.parquet")
 
 
 # The shipped 3B config with only the tiny checkpoint, tokenizer, data and CPU settings: its model builder stays 3B.
@@ -204,6 +227,158 @@ CASES = [
         ("row 1, message 2", "unknown role 'bot'", "system, user, assistant"),
         (*CHAT, "dataset.conversation_style=openai"),
         files={"chat.json": '[{"conversations": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}]'},
+    ),
+    # --- your own data: conversations and instructions (lora_tools.sft_data) ----------------------------------
+    Case(
+        "own-file-missing",
+        ("dataset file", "nope.jsonl does not exist", "dataset.source"),
+        ("dataset.source={tmp}/nope.jsonl",),
+        config=OWN,
+    ),
+    Case(
+        "own-empty-file",
+        ("data.jsonl is empty", "add samples"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": ""},
+    ),
+    Case(
+        "own-bad-json-row-7",
+        ("data.jsonl, row 7: not valid JSON", "one JSON object"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows('{"messages": [{"role": "user", "content": "hi"}', good_before=6)},
+    ),
+    Case(
+        "own-json-array-syntax",
+        ("data.json is not valid JSON (line 3, column 3: Expecting ',' delimiter)",),
+        ("dataset.source={tmp}/data.json",),
+        config=OWN,
+        files={"data.json": "[\n  " + GOOD_CHAT + "\n  " + GOOD_CHAT + "\n]\n"},
+    ),
+    Case(
+        "own-row-not-an-object",
+        ("data.jsonl, row 2: a row must be an object",),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows("[1, 2]", good_before=1)},
+    ),
+    Case(
+        "own-missing-column",
+        ("row 1: no 'messages' column", "the row has: conversations", "dataset.conversation_column"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows('{"conversations": [{"from": "human", "value": "hi"}]}')},
+    ),
+    Case(
+        "own-unknown-role",
+        ("row 3, message 2", "unknown role 'robot'", "system, user or assistant"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={
+            "data.jsonl": _chat_rows(
+                '{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}', good_before=2
+            )
+        },
+    ),
+    Case(
+        "own-no-assistant-turn",
+        ("row 1: the conversation has no assistant turn",),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={
+            "data.jsonl": _chat_rows(
+                '{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "a"}]}'
+            )
+        },
+    ),
+    Case(
+        "own-empty-messages",
+        ("row 2: the conversation is empty",),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows('{"messages": []}', good_before=1)},
+    ),
+    Case(
+        "own-content-not-text",
+        ("row 1, message 2: content is int, not text",),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={
+            "data.jsonl": _chat_rows(
+                '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]}'
+            )
+        },
+    ),
+    Case(
+        "own-sharegpt-wrong-keys",
+        ("row 1, message 1: keys speaker, text", "from and value (ShareGPT)"),
+        ("dataset.source={tmp}/data.jsonl", "dataset.conversation_column=conversations"),
+        config=OWN,
+        files={"data.jsonl": _chat_rows('{"conversations": [{"speaker": "human", "text": "a"}]}')},
+    ),
+    Case(
+        "own-csv-cell-not-json",
+        ("data.csv, row 2: column 'messages' is not JSON",),
+        ("dataset.source={tmp}/data.csv",),
+        config=OWN,
+        files={
+            "data.csv": 'messages\n"[{""role"": ""user"", ""content"": ""a""}, {""role"": ""assistant"", '
+            '""content"": ""b""}]"\nhello there\n'
+        },
+    ),
+    Case(
+        "own-parquet-missing-column",
+        ("data.parquet, row 1: no 'messages' column", "the row has: conversation"),
+        ("dataset.source={tmp}/data.parquet",),
+        config=OWN,
+        prepare=_write_parquet,
+    ),
+    Case(
+        "own-unknown-file-type",
+        ("data.txt: unknown type '.txt'", ".jsonl, .csv or .parquet"),
+        ("dataset.source={tmp}/data.txt",),
+        config=OWN,
+        files={"data.txt": "hello\n"},
+    ),
+    Case(
+        "own-train-on-typo",
+        ("dataset.train_on is 'assistants'", "assistant, last, all"),
+        ("dataset.train_on=assistants",),
+        config=OWN,
+    ),
+    Case(
+        "own-chat-template-missing",
+        ("chat_template", "nowhere.json does not exist", "base model's folder"),
+        ("dataset.chat_template={tmp}/nowhere.json",),
+        config=OWN,
+    ),
+    Case(
+        "own-instruction-missing-column",
+        ("row 2: no 'completion' column", "the row has: prompt, answer", "completion_column"),
+        INSTRUCTIONS,
+        config=OWN,
+        files={"data.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "answer": "b"}\n'},
+    ),
+    Case(
+        "own-instruction-empty-completion",
+        ("row 1: column 'completion' is empty", "nothing to learn"),
+        INSTRUCTIONS,
+        config=OWN,
+        files={"data.jsonl": '{"prompt": "a", "completion": "  "}\n'},
+    ),
+    Case(
+        "own-hub-dataset-offline",
+        ("dataset.source 'someone/chats' is not a local file", "could not be loaded from the Hugging Face Hub"),
+        ("dataset.source=someone/chats",),
+        config=OWN,
+    ),
+    Case(
+        "own-val-dataset-row",
+        ("held.jsonl, row 1, message 1: unknown role 'narrator'",),
+        ("val_dataset.source={tmp}/held.jsonl",),
+        config=OWN,
+        files={"held.jsonl": _chat_rows('{"messages": [{"role": "narrator", "content": "a"}]}')},
     ),
     # --- .env and W&B ------------------------------------------------------------------------------------------
     Case(

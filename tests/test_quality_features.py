@@ -11,7 +11,7 @@ from torchao.dtypes.nf4tensor import NF4Tensor
 
 from lora_finetune_single_device import LoRAFinetuneRecipe
 from lora_tools.checkpoints import latest_checkpoint
-from lora_tools.inference import prompt_tokens
+from lora_tools.inference import PromptFormat
 
 
 def run_tiny(out, *overrides):
@@ -96,7 +96,7 @@ def test_generate_returns_the_argmax_tokens_of_the_recipes_model(tmp_path):
     recipe = LoRAFinetuneRecipe(cfg)
     recipe.setup(cfg)
     recipe._model.eval()
-    tokens = prompt_tokens(recipe._tokenizer, prompt, alpaca=True)
+    tokens = PromptFormat(cfg, recipe._tokenizer).tokens([{"role": "user", "content": prompt}])
     expected = []
     with torch.no_grad():
         for _ in range(24):

@@ -1,5 +1,5 @@
 """Which (input token, label) pairs a packed batch trains on: torchtune's shift of the whole packed row against
-this project's shift of each sample before packing (lora_tools.data.build_dataset).
+this project's shift of each sample before packing (lora_tools.batching.build_dataset).
 
 torchtune 0.6.1 packs the unshifted samples and its recipe shifts each packed row,
 ``labels = torch.hstack((labels[..., 1:], ignore_index column))``, so the last token of one sample is paired
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torchtune.datasets import PackedDataset, alpaca_dataset, chat_dataset, text_completion_dataset
 from torchtune.models.llama3 import llama3_tokenizer
 
-from lora_tools.data import build_dataset
+from lora_tools.batching import build_dataset
 
 IGNORE = -100
 MAX_SEQ_LEN = 256
@@ -56,7 +56,7 @@ def our_pairs(packed: PackedDataset) -> Counter:
 
 
 def ours(tokenizer, **dataset_cfg) -> PackedDataset:
-    ds, packed = build_dataset(OmegaConf.create({**dataset_cfg, "packed": True}), tokenizer, IGNORE)
+    ds, packed, _, _ = build_dataset(OmegaConf.create({**dataset_cfg, "packed": True}), tokenizer, IGNORE)
     assert packed and isinstance(ds, PackedDataset)
     return ds
 

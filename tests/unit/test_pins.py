@@ -3,7 +3,7 @@ the environment that runs them.
 
 - the recipes, wb.py, lora_tools/ and bench/ run in .venv: requirements.txt;
 - tests/ run in .venv with the test tools: requirements.txt or requirements-test.txt;
-- tests/hf_logits.py and bench/trl_sft.py run only in .venv-hf: requirements-hf.txt.
+- tests/hf_logits.py, tests/hf_chat_template.py and bench/trl_sft.py run only in .venv-hf: requirements-hf.txt.
 
 The files are found when the test runs, so modules added later are checked too.
 """
@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-HF_ONLY = {"tests/hf_logits.py", "bench/trl_sft.py"}
+HF_ONLY = {"tests/hf_logits.py", "tests/hf_chat_template.py", "bench/trl_sft.py"}
 HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
 ALLOWED = {
     "runtime": ["requirements.txt"],

@@ -1,0 +1,126 @@
+"""Datasets and batches for the recipes.
+
+Labels are shifted to next-token targets per sample, before packing; torchtune's recipe shifts the whole packed
+row after. With torchtune's Llama 3 tokenizer each sample's first label (BOS) is masked, so on alpaca and chat
+data both ways train on the same (token, label) pairs. They differ where a sample's first label is a real
+token (text completion): there the whole-row shift also trains each packed sample's last token to predict the
+next sample's first, and the per-sample shift does not (tests/unit/test_label_shift.py shows both cases).
+Shifted labels also let the loss take the labels as they come, packed or not.
+"""
+
+import importlib
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import ConcatDataset, Dataset
+from torchtune import config
+from torchtune.data import padded_collate_packed
+from torchtune.datasets import PackedDataset
+
+from lora_tools.data_summary import DataSummary
+from lora_tools.errors import UserError
+from lora_tools.sft_data import TokenizedConversations
+
+
+class NextTokenLabels(Dataset):
+    """Wrap a tokenized dataset so ``labels[i]`` is the target for ``tokens[i]`` (the next token)."""
+
+    def __init__(self, ds: Dataset, ignore_index: int):
+        self._ds = ds
+        self._ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self._ds[index])
+        labels = list(sample["labels"])
+        sample["labels"] = labels[1:] + [self._ignore_index]
+        return sample
+
+
+class EvalShard(Dataset):
+    """One process's share of an evaluation set: samples ``rank, rank + world_size, ...``.
+
+    Shares differ by at most one sample; the shorter ones end with a copy of sample 0 whose labels are all
+    ignored, so every process runs the same number of forward passes (FSDP needs all of them in each one) and
+    the summed loss and token count are those of the whole set, each sample once.
+    """
+
+    def __init__(self, ds: Dataset, rank: int, world_size: int, ignore_index: int):
+        self._ds, self._rank, self._world_size, self._ignore_index = ds, rank, world_size, ignore_index
+
+    def __len__(self) -> int:
+        return -(-len(self._ds) // self._world_size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        position = index * self._world_size + self._rank
+        if position < len(self._ds):
+            return self._ds[position]
+        filler = dict(self._ds[0])
+        labels = filler["labels"]  # a list, or a tensor when packed
+        if torch.is_tensor(labels):
+            filler["labels"] = torch.full_like(labels, self._ignore_index)
+        else:
+            filler["labels"] = [self._ignore_index] * len(labels)
+        return filler
+
+
+class BuiltDataset(NamedTuple):
+    dataset: Dataset  # what the recipe batches: samples with shifted labels, packed if asked
+    packed: bool
+    summary: DataSummary
+    samples: Dataset  # the samples with shifted labels, before packing
+
+
+def _summary_counts(ds: Dataset, ignore_index: int) -> tuple[list[int], list[int], list[int] | None]:
+    """(lengths, trained tokens, lengths before truncation or None) of every sample of a built dataset."""
+    if isinstance(ds, TokenizedConversations):  # counted while tokenizing
+        return ds.lengths(), ds.trained_counts(), ds.full_lengths
+    lengths, trained = [], []
+    for i in range(len(ds)):  # torchtune's builders tokenize on access: one pass
+        labels = NextTokenLabels(ds, ignore_index)[i]["labels"]
+        lengths.append(len(labels))
+        trained.append(sum(label != ignore_index for label in labels))
+    return lengths, trained, None
+
+
+def build_dataset(cfg_dataset: DictConfig | ListConfig, tokenizer, ignore_index: int) -> BuiltDataset:
+    """Instantiate one dataset or a list of them, shift labels per sample, then pack if asked.
+
+    ``packed`` is read from the config but never passed to the builder: packing happens here, after the shift.
+    The summary counts every sample (lora_tools.data_summary).
+    """
+    cfgs = list(cfg_dataset) if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
+    parts, packed_flags = [], []
+    lengths, trained, full_lengths = [], [], []
+    for cfg in cfgs:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        packed_flags.append(bool(cfg.pop("packed", False)))
+        built = config.instantiate(cfg, tokenizer)
+        n, t, full = _summary_counts(built, ignore_index)
+        lengths += n
+        trained += t
+        full_lengths = None if full is None or full_lengths is None else full_lengths + full
+        parts.append(NextTokenLabels(built, ignore_index))
+    if len(set(packed_flags)) > 1:
+        raise UserError("dataset: either every dataset in the list sets packed: True or none does")
+    ds = samples = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    packed = packed_flags[0]
+    if packed:
+        if tokenizer.max_seq_len is None:
+            raise UserError("dataset.packed is True but tokenizer.max_seq_len is null; set tokenizer.max_seq_len=2048")
+        ds = PackedDataset(ds, max_seq_len=tokenizer.max_seq_len, padding_idx=tokenizer.pad_id)
+    summary = DataSummary(lengths, trained, full_lengths, tokenizer.max_seq_len, len(ds) if packed else None)
+    return BuiltDataset(ds, packed, summary, samples)
+
+
+def collate_for(packed: bool, collate_fn: str, pad_id: int, ignore_index: int) -> Callable:
+    """Packed rows are already padded; unpacked samples are padded to the longest in the batch."""
+    if packed:
+        return padded_collate_packed
+    module, _, name = collate_fn.rpartition(".")
+    return partial(getattr(importlib.import_module(module), name), padding_idx=pad_id, ignore_idx=ignore_index)
