@@ -98,6 +98,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if resume:  # a resumed cosine schedule of another length jumps to another learning rate: only on request
             checkpoints.check_same_schedule(resume, self.last_checkpoint, self._total_steps, c.allow_schedule_change)
 
+        # The config is printed once the data is read: a mistake found above is the only line printed.
+        config.log_config(recipe_name="LoRAFinetuneRecipe", cfg=cfg)
         self._checkpointer = config.instantiate(c.checkpointer)
         base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._model = self._setup_model(base, resume["adapter"] if resume else None)
@@ -149,9 +151,11 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         Evaluation: every sample once, in order, split across processes."""
         world, rank = self._strategy.world_size, self._strategy.rank
         ignore = self._loss_fn.ignore_index
-        ds, packed, summary, _ = build_dataset(cfg_dataset, self._tokenizer, ignore)
+        name = "val_dataset" if evaluation else "dataset"
+        built = build_dataset(cfg_dataset, self._tokenizer, ignore, name)
         if self._strategy.is_main:  # what the data gives the model, before any weights load (lora_tools.data)
-            summary.log("val_dataset" if evaluation else "dataset")
+            built.summary.log(name)
+        ds = built.dataset
         if evaluation:
             ds = EvalShard(ds, rank, world, ignore)
             sampler = StatefulDistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)
@@ -163,7 +167,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             dataset=ds,
             batch_size=self.cfg.batch_size,
             sampler=sampler,
-            collate_fn=collate_for(packed, self.cfg.collate_fn, self._tokenizer.pad_id, ignore),
+            collate_fn=collate_for(built.packed, self.cfg.collate_fn, self._tokenizer.pad_id, ignore),
             drop_last=not evaluation,
             pin_memory=self._device.type == "cuda",
             generator=torch.Generator(),  # not the global one: a resumed run must draw what the first would
@@ -488,7 +492,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
 @recipe_main
 def main(cfg: DictConfig) -> None:
     """LoRA finetuning on one device. Usage: tune run lora_finetune_single_device.py --config FILE [key=value ...]"""
-    config.log_config(recipe_name="LoRAFinetuneRecipe", cfg=cfg)
     recipe = LoRAFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()

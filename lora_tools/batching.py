@@ -9,9 +9,11 @@ Shifted labels also let the loss take the labels as they come, packed or not.
 """
 
 import importlib
+import re
 from collections.abc import Callable
-from functools import partial
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from functools import cached_property, partial
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -69,53 +71,61 @@ class EvalShard(Dataset):
         return filler
 
 
-class BuiltDataset(NamedTuple):
+@dataclass
+class BuiltDataset:
     dataset: Dataset  # what the recipe batches: samples with shifted labels, packed if asked
     packed: bool
-    summary: DataSummary
     samples: Dataset  # the samples with shifted labels, before packing
+    parts: list[Dataset]  # each builder's dataset, as built
+    max_seq_len: int | None
+    ignore_index: int
+
+    @cached_property
+    def summary(self) -> DataSummary:
+        """Counted over every sample on first use (one tokenizing pass for torchtune's builders, whose samples
+        are tokenized on access), so only the process that logs it pays."""
+        lengths, trained, full_lengths = [], [], []
+        for part in self.parts:
+            if isinstance(part, TokenizedConversations):  # counted while tokenizing
+                n, t, full = part.lengths(), part.trained_counts(), part.full_lengths
+            else:
+                shifted = NextTokenLabels(part, self.ignore_index)
+                labels = [shifted[i]["labels"] for i in range(len(part))]
+                n, t, full = [len(x) for x in labels], [sum(y != self.ignore_index for y in x) for x in labels], None
+            lengths += n
+            trained += t
+            full_lengths = None if full is None or full_lengths is None else full_lengths + full
+        rows = len(self.dataset) if self.packed else None
+        return DataSummary(lengths, trained, full_lengths, self.max_seq_len, rows)
 
 
-def _summary_counts(ds: Dataset, ignore_index: int) -> tuple[list[int], list[int], list[int] | None]:
-    """(lengths, trained tokens, lengths before truncation or None) of every sample of a built dataset."""
-    if isinstance(ds, TokenizedConversations):  # counted while tokenizing
-        return ds.lengths(), ds.trained_counts(), ds.full_lengths
-    lengths, trained = [], []
-    for i in range(len(ds)):  # torchtune's builders tokenize on access: one pass
-        labels = NextTokenLabels(ds, ignore_index)[i]["labels"]
-        lengths.append(len(labels))
-        trained.append(sum(label != ignore_index for label in labels))
-    return lengths, trained, None
-
-
-def build_dataset(cfg_dataset: DictConfig | ListConfig, tokenizer, ignore_index: int) -> BuiltDataset:
+def build_dataset(
+    cfg_dataset: DictConfig | ListConfig, tokenizer, ignore_index: int, section: str = "dataset"
+) -> BuiltDataset:
     """Instantiate one dataset or a list of them, shift labels per sample, then pack if asked.
 
     ``packed`` is read from the config but never passed to the builder: packing happens here, after the shift.
-    The summary counts every sample (lora_tools.data_summary).
     """
     cfgs = list(cfg_dataset) if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
-    parts, packed_flags = [], []
-    lengths, trained, full_lengths = [], [], []
+    built, packed_flags = [], []
     for cfg in cfgs:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         packed_flags.append(bool(cfg.pop("packed", False)))
-        built = config.instantiate(cfg, tokenizer)
-        n, t, full = _summary_counts(built, ignore_index)
-        lengths += n
-        trained += t
-        full_lengths = None if full is None or full_lengths is None else full_lengths + full
-        parts.append(NextTokenLabels(built, ignore_index))
+        try:
+            built.append(config.instantiate(cfg, tokenizer))
+        except UserError as e:  # builders name their keys as dataset.<key>; say which section they are in
+            where = f"{section}[{len(built)}]" if len(cfgs) > 1 else section
+            raise UserError(re.sub(r"\bdataset\.", f"{where}.", str(e))) from None
     if len(set(packed_flags)) > 1:
         raise UserError("dataset: either every dataset in the list sets packed: True or none does")
+    parts = [NextTokenLabels(b, ignore_index) for b in built]
     ds = samples = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     packed = packed_flags[0]
     if packed:
         if tokenizer.max_seq_len is None:
             raise UserError("dataset.packed is True but tokenizer.max_seq_len is null; set tokenizer.max_seq_len=2048")
         ds = PackedDataset(ds, max_seq_len=tokenizer.max_seq_len, padding_idx=tokenizer.pad_id)
-    summary = DataSummary(lengths, trained, full_lengths, tokenizer.max_seq_len, len(ds) if packed else None)
-    return BuiltDataset(ds, packed, summary, samples)
+    return BuiltDataset(ds, packed, samples, built, tokenizer.max_seq_len, ignore_index)
 
 
 def collate_for(packed: bool, collate_fn: str, pad_id: int, ignore_index: int) -> Callable:

@@ -21,18 +21,21 @@ from pathlib import Path
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from torchtune import utils
 
 from lora_tools.errors import UserError
+
+log = utils.get_logger("INFO")
 
 # The date a template reads as "today" (strftime_now). Fixed, so that every run, resumed or not, renders the
 # same tokens; a template that prints it (Llama 3.2's system block) gets Llama 3.2's own fallback date.
 TEMPLATE_DATE = datetime(2024, 7, 26)
 
-# Where a base model has no chat template: the Llama 3 format as torchtune's tokenizer writes it (no system
-# block; a system message, if any, is an ordinary turn).
+# Where a base model has no chat template: the Llama 3 format as torchtune's tokenizer writes it (content
+# stripped; no system block, a system message, if any, is an ordinary turn).
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
@@ -77,14 +80,21 @@ def _token_text(value) -> str | None:
 
 def read_template(location: str | None) -> tuple[str, dict[str, str], str]:
     """(template, special-token variables, where it came from) for a model folder, its tokenizer_config.json, or
-    a .jinja file; the Llama 3 format where there is none."""
+    a .jinja file. ``None``: the Llama 3 format. A tokenizer_config.json without a template (a base, not an
+    Instruct, model): the Llama 3 format, with a warning."""
     if location is None:
-        return LLAMA3_TEMPLATE, {}, "the Llama 3 format (no chat_template configured)"
+        return LLAMA3_TEMPLATE, {}, "the Llama 3 format (chat_template: null)"
     path = Path(location)
     if path.is_dir():
-        path = path / "tokenizer_config.json"
-        if not path.is_file():
-            return LLAMA3_TEMPLATE, {}, f"the Llama 3 format ({location} has no tokenizer_config.json)"
+        if not (path / "tokenizer_config.json").is_file() and (path / "chat_template.jinja").is_file():
+            path = path / "chat_template.jinja"
+        else:
+            path = path / "tokenizer_config.json"
+            if not path.is_file():
+                raise UserError(
+                    f"chat_template {location} has no tokenizer_config.json; point it at the base model's folder "
+                    "(its Hugging Face tokenizer files), or set chat_template: null for the plain Llama 3 format"
+                )
     if not path.is_file():
         raise UserError(f"chat_template {location} does not exist; give the base model's folder or null")
     if path.suffix == ".jinja":
@@ -93,14 +103,21 @@ def read_template(location: str | None) -> tuple[str, dict[str, str], str]:
         tokenizer_config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"chat_template {path} is not valid JSON ({e}); give the base model's folder or null")
+    if not isinstance(tokenizer_config, dict):
+        raise UserError(f"chat_template {path} is not a tokenizer_config.json; give the base model's folder or null")
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one is the chat template
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     if template is None and (path.parent / "chat_template.jinja").is_file():  # newer transformers save it apart
         template = (path.parent / "chat_template.jinja").read_text(encoding="utf-8")
     special = {k: _token_text(v) for k, v in tokenizer_config.items() if k.endswith("_token")}
     special = {k: v for k, v in special.items() if v is not None}
     if not isinstance(template, str):
+        log.warning(
+            f"{path} has no chat_template (a base model?): conversations use the plain Llama 3 format, without "
+            "the system block Llama 3.2 Instruct's template writes. Set chat_template: null to say so."
+        )
         return LLAMA3_TEMPLATE, special, f"the Llama 3 format ({path} has no chat_template)"
     return template, special, f"the chat template in {path}"
 
@@ -114,6 +131,11 @@ class ChatFormat:
             self._template = _environment().from_string(template)
         except jinja2.TemplateSyntaxError as e:
             raise UserError(f"{self.source} does not parse (line {e.lineno}: {e.message})")
+        if not hasattr(getattr(tokenizer, "tt_model", None), "tt_model"):
+            raise UserError(
+                f"lora_tools.sft_data datasets need torchtune's Llama 3 tokenizer (tiktoken), not "
+                f"{type(tokenizer).__name__}; use torchtune.models.llama3.llama3_tokenizer"
+            )
         self._tokenizer = tokenizer
         self._variables = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", **special, **(variables or {})}
         self._special = dict(tokenizer.special_tokens)

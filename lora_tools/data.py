@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         preflight.check_datasets(cfg)
         tokenizer = config.instantiate(cfg.tokenizer)
         sections = [("dataset", cfg.dataset)] + ([("val_dataset", cfg.val_dataset)] if cfg.get("val_dataset") else [])
-        built = {name: build_dataset(section, tokenizer, CROSS_ENTROPY_IGNORE_IDX) for name, section in sections}
+        built = {name: build_dataset(node, tokenizer, CROSS_ENTROPY_IGNORE_IDX, name) for name, node in sections}
     except UserError as e:
         return fail(str(e))
     show_samples(tokenizer, built["dataset"], args.show)

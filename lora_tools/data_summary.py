@@ -99,10 +99,11 @@ class DataSummary:
     def truncation_warning(self, name: str = "dataset") -> str | None:
         if self.truncated_share <= TRUNCATION_WARNING_SHARE:
             return None
+        hint = f" (p99 length: {self.percentile(99)})" if self.full_lengths is not None else ""
         return (
             f"{name}: {self.truncated} of {self.samples} samples ({100 * self.truncated_share:.1f}%) are longer than "
-            f"tokenizer.max_seq_len={self.max_seq_len} and are cut; raise tokenizer.max_seq_len (p99 length: "
-            f"{self.percentile(99)}) or shorten those samples"
+            f"tokenizer.max_seq_len={self.max_seq_len} and are cut; raise tokenizer.max_seq_len{hint} or shorten "
+            "those samples"
         )
 
     def log(self, name: str = "dataset") -> None:

@@ -23,6 +23,7 @@ HF_SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",  # where newer transformers save the chat template
 )
 REPO_ID_FILE = "original_repo_id.json"  # written by lora_tools.download (and by `tune download`)
 

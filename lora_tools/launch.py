@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torchtune import utils
 
 from lora_tools import preflight, settings
 from lora_tools.env import load_env
@@ -208,6 +209,10 @@ def recipe_main(main: Callable[..., None]) -> Callable[[], int]:
             cfg = load_config(argv, description=main.__doc__ or "")
             checked = settings.parse(cfg, parse_args(argv)[0])
             preflight.run_all(cfg)  # before any weights are read or anything is written
+            # torchtune's modules set its shared logger to DEBUG when imported; until the recipe prints the config
+            # (torchtune's log_config sets DEBUG again), INFO, so a mistake found while reading the data is the
+            # only line printed.
+            utils.get_logger("INFO")
             if wants_settings:
                 main(cfg, settings=checked)
             else:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig
 
 from lora_tools.env import wandb_key_shape_error
 from lora_tools.errors import UserError
+from lora_tools.records import read_text
 
 # Fields each dataset builder reads from a row (before its column_map renames them).
 REQUIRED_FIELDS = {
@@ -100,20 +101,9 @@ def _dataset_cfgs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return out
 
 
-def _text(path: Path) -> str:
-    """A local data file's text; not UTF-8 is one line with the byte where decoding stopped."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"dataset file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 and run again"
-        )
-
-
 def _rows(path: Path, field: str | None = None) -> list:
     """Rows of a local JSON file: a JSON list, or one JSON object per line (``field``: the key holding the rows)."""
-    text = _text(path)
+    text = read_text(path)
     try:
         rows = json.loads(text)
         if field is not None and isinstance(rows, dict):
@@ -147,7 +137,7 @@ def check_datasets(cfg: DictConfig) -> None:
             if path.stat().st_size == 0:
                 raise UserError(f"dataset file {path} is empty; add samples to it or fix {section}.data_files")
             if source in ("json", "csv", "text"):
-                _text(path)
+                read_text(path)
         if source != "json":
             continue
         builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]

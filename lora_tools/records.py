@@ -31,6 +31,11 @@ def read_rows(source: str, split: str = "train", section: str = "dataset") -> It
     if not is_local(source):
         yield from _hub_rows(source, split, section)
         return
+    if split != "train":  # a slice such as train[:98%] would otherwise be ignored, and train on the val rows
+        raise UserError(
+            f"{section}.split is {split!r}, but split only applies to Hub datasets; put {section}'s rows in a file "
+            f"of their own for {section}.source, and remove {section}.split"
+        )
     path = Path(source)
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist; check {section}.source")
@@ -56,10 +61,11 @@ def read_rows(source: str, split: str = "train", section: str = "dataset") -> It
         raise UserError(f"dataset file {path} has no rows; add samples to it or fix {section}.source")
 
 
-def _text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A local data file's text; not UTF-8 is one line with the byte where decoding stopped."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not part of the text
     except UnicodeDecodeError as e:
         raise UserError(
             f"dataset file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 and run again"
@@ -68,7 +74,7 @@ def _text(path: Path) -> str:
 
 def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
     """A JSON array (rows numbered from 1) or JSON Lines (rows numbered by line)."""
-    text = _text(path)
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -90,7 +96,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """Rows numbered from 1 after the header line."""
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    csv.field_size_limit(2**31 - 1)  # a long conversation in one cell is data, not a damaged file
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     try:
         for number, row in enumerate(reader, start=1):
             if None in row:
@@ -161,7 +168,7 @@ def conversation(where: str, row: dict, column: str, section: str) -> list[dict]
             raise UserError(
                 f"{at}: keys {keys}; a message needs role and content (OpenAI style) or from and value (ShareGPT)"
             )
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise UserError(
                 f"{at}: unknown role {str(role)[:30]!r}; use system, user or assistant (ShareGPT: system, human, gpt)"
             )

@@ -32,7 +32,6 @@ class TokenizedConversations(Dataset):
     """
 
     def __init__(self, fmt: ChatFormat, conversations, train_on: str, max_seq_len: int | None):
-        log.info(f"Conversations rendered with {fmt.source}; trained: {TRAIN_ON[train_on]}.")
         self.chat_format = fmt
         self._tokens, self._trained = [], []
         self.full_lengths: list[int] = []
@@ -46,6 +45,7 @@ class TokenizedConversations(Dataset):
                 ids, trained = ids[:max_seq_len], trained[:max_seq_len]
             self._tokens.append(array("i", ids))
             self._trained.append(bytes(trained))
+        log.info(f"Conversations rendered with {fmt.source}; trained: {TRAIN_ON[train_on]}.")
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -92,10 +92,11 @@ def conversation_dataset(
     """
     del packed
     _check_train_on(train_on)
-    fmt = ChatFormat(tokenizer, chat_template, chat_template_kwargs)
-    rows = records.read_rows(str(source), split)
-    conversations = ((where, records.conversation(where, row, conversation_column, "dataset")) for where, row in rows)
-    return TokenizedConversations(fmt, conversations, train_on, tokenizer.max_seq_len)
+
+    def messages(where, row):
+        return records.conversation(where, row, conversation_column, "dataset")
+
+    return _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, messages, train_on)
 
 
 def instruction_dataset(
@@ -123,13 +124,17 @@ def instruction_dataset(
         chat_template, chat_template_kwargs, split, packed: as for conversation_dataset.
     """
     del packed
+
+    def messages(where, row):
+        columns = (prompt_column, completion_column, input_column)
+        return records.instruction(where, row, *columns, system_prompt, "dataset")
+
+    train_on = "all" if train_on_input else "assistant"
+    return _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, messages, train_on)
+
+
+def _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, messages, train_on):
+    """Every row of ``source`` as ``messages(where, row)`` makes it, tokenized with the chat template."""
     fmt = ChatFormat(tokenizer, chat_template, chat_template_kwargs)
-    rows = records.read_rows(str(source), split)
-    conversations = (
-        (
-            where,
-            records.instruction(where, row, prompt_column, completion_column, input_column, system_prompt, "dataset"),
-        )
-        for where, row in rows
-    )
-    return TokenizedConversations(fmt, conversations, "all" if train_on_input else "assistant", tokenizer.max_seq_len)
+    rows = ((where, messages(where, row)) for where, row in records.read_rows(str(source), split))
+    return TokenizedConversations(fmt, rows, train_on, tokenizer.max_seq_len)

@@ -1,7 +1,7 @@
 """The battery of bad inputs: each is one line on stderr, exit status 2, nothing written, in well under 15 s.
 
 Every case runs in-process through the entry point `tune run` calls (the recipe's ``main()`` with sys.argv set as
-`tune run` sets it), or through wb.py's / lora_tools.download's ``main``. Two cases also run through the real
+`tune run` sets it), or through wb.py's / lora_tools.download's ``main``. Three cases run through the real
 `tune run` subprocess, imports included.
 
 To add a case, append a ``Case`` to CASES: a name, the words its error line must hold, and what makes it bad
@@ -354,6 +354,25 @@ CASES = [
         config=OWN,
     ),
     Case(
+        "own-chat-template-folder-without-tokenizer-config",
+        ("chat_template", "has no tokenizer_config.json", "chat_template: null"),
+        ("dataset.chat_template={tmp}",),
+        config=OWN,
+    ),
+    Case(
+        "own-split-on-a-local-file",
+        ("dataset.split is 'train[:98%]'", "only applies to Hub datasets", "a file of their own"),
+        ("dataset.split=train[:98%]",),
+        config=OWN,
+    ),
+    Case(
+        "own-role-not-text",
+        ("row 1, message 1: unknown role",),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows('{"messages": [{"role": ["user"], "content": "a"}]}')},
+    ),
+    Case(
         "own-instruction-missing-column",
         ("row 2: no 'completion' column", "the row has: prompt, answer", "completion_column"),
         INSTRUCTIONS,
@@ -366,12 +385,6 @@ CASES = [
         INSTRUCTIONS,
         config=OWN,
         files={"data.jsonl": '{"prompt": "a", "completion": "  "}\n'},
-    ),
-    Case(
-        "own-hub-dataset-offline",
-        ("dataset.source 'someone/chats' is not a local file", "could not be loaded from the Hugging Face Hub"),
-        ("dataset.source=someone/chats",),
-        config=OWN,
     ),
     Case(
         "own-val-dataset-row",
@@ -600,9 +613,9 @@ def test_bad_input(case, tmp_path, monkeypatch, capfd, recipe, restored_environ)
 # --- the same line through the real `tune run`, imports included ---------------------------------------------
 
 
-def _tune_case(name, tmp_path, *overrides, **env):
+def _tune_case(name, tmp_path, *overrides, config="configs/tiny.yaml", **env):
     start = time.monotonic()
-    args = ["--config", "configs/tiny.yaml", f"output_dir={tmp_path}/out", *overrides]
+    args = ["--config", config, f"output_dir={tmp_path}/out", *overrides]
     result = tune("run", "lora_finetune_single_device.py", *args, env=offline_env(HOME=str(tmp_path), **env))
     seconds = time.monotonic() - start
     text = result.stdout + result.stderr
@@ -629,6 +642,14 @@ def test_tune_run_wandb_key_wrong_shape(tmp_path):
     )
     assert "WANDB_API_KEY in the environment has the wrong shape (API key must have 40+ characters, has 12.)" in line
     assert "https://wandb.ai/authorize" in line and SHORT_WANDB_KEY not in text
+
+
+def test_tune_run_hub_dataset_offline(tmp_path):
+    """A Hub dataset name with HF_DATASETS_OFFLINE=1 set when the process starts, as `make demo` sets it (in
+    this test process, datasets read the variable at its first import, whenever that was)."""
+    line, _ = _tune_case("own-hub-dataset-offline", tmp_path, "dataset.source=someone/chats", config=OWN)
+    assert "dataset.source 'someone/chats' is not a local file" in line
+    assert "could not be loaded from the Hugging Face Hub (Couldn't reach 'someone/chats' on the Hub" in line
 
 
 DISK_FULL_RUNS = {
@@ -673,6 +694,6 @@ def test_battery_size(capsys):
     names = [c.name for c in CASES]
     assert len(names) == len(set(names)) and len(CASES) >= 32, len(CASES)
     with capsys.disabled():
-        print(f"\n{len(CASES)} bad-input cases in-process + 2 through `tune run`; {len(TIMINGS)} ran in this session:")
+        print(f"\n{len(CASES)} bad-input cases in-process + 3 through `tune run`; {len(TIMINGS)} ran in this session:")
         for name, (seconds, line) in TIMINGS.items():
             print(f"  {seconds:6.2f}s  {name:36}  {line}")

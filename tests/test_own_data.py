@@ -21,6 +21,7 @@ from torchtune.models.llama3 import llama3_tokenizer
 
 from lora_tools import data as data_command
 from lora_tools import generate
+from lora_tools.chat_template import ChatFormat
 from lora_tools.inference import PromptFormat
 from lora_tools.launch import load_config
 from lora_tools.sft_data import conversation_dataset, instruction_dataset
@@ -139,6 +140,22 @@ def test_conversations_match_transformers_token_for_token(tmp_path, hf):
     )
 
 
+def test_without_a_chat_template_it_is_torchtunes_llama3_format():
+    """chat_template: null renders what torchtune's Llama 3 tokenizer gives for the same messages (but for the
+    end-of-text token torchtune appends to each sample); here a sample's headers are not trained."""
+    from torchtune.data import Message
+
+    tokenizer = _tokenizer()
+    fmt = ChatFormat(tokenizer, None)
+    for messages in CONVERSATIONS:
+        if any("<|" in m["content"] for m in messages):
+            continue  # torchtune encodes special-token text in content as text; transformers as the token
+        ids, _ = fmt.tokenize(messages)
+        turns = [Message(role=m["role"], content=m["content"]) for m in messages]
+        expected, _ = tokenizer.tokenize_messages(turns, add_end_tokens=True)
+        assert ids == expected[:-1]
+
+
 def test_generation_prompt_matches_transformers(hf):
     """What the recipe's sample answers and lora_tools.generate feed the model equals
     apply_chat_template(..., add_generation_prompt=True)."""
@@ -201,6 +218,11 @@ def test_same_conversations_same_tokens_in_every_file_type(tmp_path):
         folder.mkdir()
         ds = conversation_dataset(_tokenizer(), str(write_format(folder, fmt, rows)), chat_template=str(TINY))
         results[fmt] = [ds[i] for i in range(len(ds))]
+    # a CSV as Excel saves it ("CSV UTF-8": a byte-order mark first, CRLF line ends)
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + _csv(rows).replace("\r\n", "\n").replace("\n", "\r\n").encode())
+    ds = conversation_dataset(_tokenizer(), str(excel), chat_template=str(TINY))
+    results["csv-excel"] = [ds[i] for i in range(len(ds))]
     sharegpt = write_format(tmp_path, "jsonl", [{"conversations": _sharegpt(m)} for m in CONVERSATIONS])
     ds = conversation_dataset(_tokenizer(), str(sharegpt), conversation_column="conversations", chat_template=str(TINY))
     results["sharegpt"] = [ds[i] for i in range(len(ds))]
@@ -309,15 +331,14 @@ def test_recipe_warns_once_when_samples_are_cut(tmp_path, caplog):
     path = write_format(tmp_path, "jsonl", _chat_rows(40))
     args = [
         f"output_dir={tmp_path}/out", f"dataset.source={path}", "val_dataset=null", "sample_prompts=[]",
-        "max_steps_per_epoch=1", "batch_size=4", "save_adapter_weights_only=True", "tokenizer.max_seq_len=64",
+        "max_steps_per_epoch=1", "batch_size=4", "save_adapter_weights_only=True", "tokenizer.max_seq_len=170",
     ]  # fmt: skip
     assert _run_recipe(CHAT_CONFIG, args) == 0
     text = caplog.text
-    cut = sum(
-        len(conversation_dataset(_tokenizer(), str(path), chat_template=str(TINY))[i]["tokens"]) > 64 for i in range(40)
-    )
-    assert cut > 0.01 * 40
-    warnings = [ln for ln in text.splitlines() if "are longer than tokenizer.max_seq_len=64" in ln]
+    full = conversation_dataset(_tokenizer(), str(path), chat_template=str(TINY))  # no max_seq_len: not cut
+    cut = sum(len(full[i]["tokens"]) > 170 for i in range(40))
+    assert 0.01 * 40 < cut < 40
+    warnings = [ln for ln in text.splitlines() if "are longer than tokenizer.max_seq_len=170" in ln]
     assert len(warnings) == 1 and f"{cut} of 40 samples" in warnings[0], warnings
 
 

@@ -56,9 +56,9 @@ def our_pairs(packed: PackedDataset) -> Counter:
 
 
 def ours(tokenizer, **dataset_cfg) -> PackedDataset:
-    ds, packed, _, _ = build_dataset(OmegaConf.create({**dataset_cfg, "packed": True}), tokenizer, IGNORE)
-    assert packed and isinstance(ds, PackedDataset)
-    return ds
+    built = build_dataset(OmegaConf.create({**dataset_cfg, "packed": True}), tokenizer, IGNORE)
+    assert built.packed and isinstance(built.dataset, PackedDataset)
+    return built.dataset
 
 
 @pytest.mark.parametrize("train_on_input", [True, False])
