@@ -3,6 +3,7 @@
 #   make test   # the same environment + test tools, then the test suite
 #   make unit   # only the fast in-process tests (tests/unit), without the .venv-hf environment
 #   make demo-chat  # the demo on generated conversations, rendered with the tiny model's chat template
+#   make gguf-install  # llama-cpp-python, for quantized GGUF export (make test installs it too)
 #   make bench  # speed and memory next to torchtune's recipe and TRL (not part of make test)
 # Other targets: make assets, make lint, make clean.
 
@@ -15,7 +16,7 @@ TINY   := assets/tiny
 # The demo and the tests never touch the network (model, tokenizer and data are generated locally).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: demo demo-chat test unit bench install test-install hf-install assets lint clean
+.PHONY: demo demo-chat test unit bench install test-install gguf-install hf-install assets lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -27,6 +28,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test-install: $(VENV)/.test-installed
 $(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	@touch $@
+
+# llama.cpp's quantizer for GGUF export (compiles llama.cpp the first time: a few minutes).
+gguf-install: $(VENV)/.gguf-installed
+$(VENV)/.gguf-installed: requirements-gguf.txt $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-gguf.txt
 	@touch $@
 
 # transformers + peft in their own environment: peft 0.21 refuses to import beside torchtune's torchao 0.14.
@@ -46,7 +53,7 @@ demo: install assets
 demo-chat: install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_chat.yaml
 
-test: test-install hf-install assets
+test: test-install gguf-install hf-install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q tests
 
 unit: test-install assets

@@ -1,7 +1,10 @@
-"""Write the merged model (base weights with the adapter folded in, Hugging Face format) for a checkpoint.
+"""Write the merged model (base weights with the adapter folded in, Hugging Face format) for a checkpoint,
+and GGUF files for llama.cpp and Ollama.
 
     python -m lora_tools.export --config lora_finetune_single_device.yaml                # the newest checkpoint
     python -m lora_tools.export --config ... --checkpoint outputs/.../checkpoints/step_0000300
+    python -m lora_tools.export --config ... --gguf --quant q8_0,q4_k_m     # + checkpoint/gguf/, from model/
+    python -m lora_tools.export --config ... --gguf --base                  # the base model: output_dir/base-gguf/
 
 Training writes the merged model only into the last checkpoint of a run, so that a step checkpoint (or a
 stop on Ctrl-C/SIGTERM) saves just the small adapter and the resume state. This command adds ``model/`` to
@@ -15,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from torchtune import config, training
 
-from lora_tools import checkpoints, hf_export, preflight, settings
+from lora_tools import checkpoints, gguf_export, hf_export, preflight, settings
 from lora_tools.errors import UserError, fail
 from lora_tools.launch import load_config
 
@@ -36,14 +39,55 @@ def export(cfg, checkpoint: Path | None) -> Path:
     return hf_export.write_merged_model(checkpoint, base, adapter, spec, Path(cfg.checkpointer.checkpoint_dir))
 
 
+def export_gguf(cfg, checkpoint: Path | None, base: bool, quants: list[str]) -> list[Path]:
+    """GGUF files of a checkpoint's merged model (or of the base model), an Ollama Modelfile and a README."""
+    if base:
+        model_dir, out_dir = Path(cfg.checkpointer.checkpoint_dir), Path(cfg.output_dir) / "base-gguf"
+        preflight.check_model_files(cfg)
+    else:
+        checkpoint = checkpoint or checkpoints.latest_checkpoint(cfg.output_dir)
+        if checkpoint is None:
+            raise UserError(f"no checkpoint under {cfg.output_dir}/checkpoints; train first or pass --checkpoint")
+        if not checkpoints.is_complete(checkpoint):
+            raise UserError(f"{checkpoint} is not a complete checkpoint (no {checkpoints.RECIPE_STATE}); pass another")
+        model_dir, out_dir = checkpoint / checkpoints.MERGED, checkpoint / "gguf"
+        if not (model_dir / "model.safetensors").is_file() and not any(model_dir.glob("*.safetensors")):
+            raise UserError(
+                f"{checkpoint} has no merged model (saved adapter-only); write it first with: python -m "
+                f"lora_tools.export --config <your config> --checkpoint {checkpoint}, then add --gguf"
+            )
+    name = Path(cfg.output_dir).name if not base else Path(cfg.checkpointer.checkpoint_dir).name
+    files = gguf_export.export(model_dir, out_dir, quants, name)
+    smallest = files[-1].name
+    (out_dir / "Modelfile").write_text(gguf_export.modelfile(smallest))
+    (out_dir / "README.md").write_text(
+        f"# {name} (GGUF)\n\n"
+        + "".join(f"- `{f.name}`\n" for f in files)
+        + f"\nRun it:\n\n```bash\nollama create {name.lower()} -f Modelfile && ollama run {name.lower()}\n"
+        f"llama-cli -m {smallest} -cnv\nllama-server -m {smallest} --jinja\n```\n"
+    )
+    return files
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the config the checkpoint was trained with")
     parser.add_argument("--checkpoint", type=Path, help="a checkpoints/step_N folder (default: the newest)")
+    parser.add_argument(
+        "--gguf", action="store_true", help="write GGUF files (llama.cpp, Ollama) from the merged model"
+    )
+    parser.add_argument("--quant", default="f16", help="with --gguf: f16 and/or quantizations, e.g. f16,q8_0,q4_k_m")
+    parser.add_argument("--base", action="store_true", help="with --gguf: export the base model instead")
     args, overrides = parser.parse_known_args(argv)
+    if not args.gguf and (args.base or args.quant != "f16"):
+        return fail("--quant and --base go with --gguf; add --gguf")
     try:
         cfg = load_config(["--config", args.config, *overrides])
         settings.parse(cfg, args.config)  # the same typo and value checks as training
+        if args.gguf:
+            for path in export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant)):
+                print(f"GGUF: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            return 0
         folder = export(cfg, args.checkpoint)
     except UserError as e:
         return fail(str(e))

@@ -157,3 +157,14 @@ def wait_for(predicate, timeout=300, proc=None):
 def pointer(out: Path) -> str | None:
     path = out / "checkpoints" / "latest"
     return path.read_text().strip() if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def chat_demo(tmp_path_factory):
+    """`make demo-chat` once per session, through the real `tune run`: (output_dir, result, seconds)."""
+    out = tmp_path_factory.mktemp("chat_demo") / "out"
+    start = time.monotonic()
+    result = tune("run", "lora_finetune_single_device.py", "--config", "configs/tiny_chat.yaml", f"output_dir={out}")
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result, seconds

@@ -9,13 +9,12 @@ import io
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HF_PYTHON, REPO, TINY, logged_metrics, tune
+from conftest import HF_PYTHON, REPO, TINY, logged_metrics
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.models.llama3 import llama3_tokenizer
 
@@ -367,14 +366,10 @@ def test_data_command_counts_truncation_as_transformers_does(hf, capsys):
     assert re.findall(r"«(.*?)»", first, re.S) == [a + "<|eot_id|>" for a in answers]
 
 
-def test_chat_demo_learns_and_generate_uses_the_served_prompt(tmp_path, hf, capsys):
+def test_chat_demo_learns_and_generate_uses_the_served_prompt(chat_demo, hf, capsys):
     """`make demo-chat`: held-out loss on the assistant tokens down by at least 30% in under 3 minutes; then
     lora_tools.generate asks with apply_chat_template's prompt."""
-    out = tmp_path / "out"
-    start = time.monotonic()
-    result = tune("run", "lora_finetune_single_device.py", "--config", CHAT_CONFIG, f"output_dir={out}")
-    seconds = time.monotonic() - start
-    assert result.returncode == 0, result.stderr[-3000:]
+    out, result, seconds = chat_demo
     val = {s: m["val_loss"] for s, m in sorted(logged_metrics(out).items()) if "val_loss" in m}
     assert val[max(val)] <= 0.7 * val[0], val
     assert seconds < 180, seconds

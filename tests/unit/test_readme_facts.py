@@ -29,3 +29,19 @@ def test_readme_states_what_a_3b_step_checkpoint_writes():
     readme = (REPO / "README.md").read_text()
     assert f"adapter has {n / 1e6:.1f}M parameters" in readme
     assert f"writes about {4 * 2 * n / 1e9:.2f} GB" in readme
+
+
+def test_readme_states_the_3b_gguf_sizes():
+    """The GGUF sizes README gives for the 3B model: its weights (meta device) at the bytes per weight the export
+    estimates disk with."""
+    import torch
+    from torchtune.models.llama3_2 import llama3_2_3b
+
+    from lora_tools.gguf_export import QUANT_TYPES
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in llama3_2_3b().parameters())
+    sizes = {q: f"{n * QUANT_TYPES[q][1] / 1e9:.2f} GB" for q in ("f16", "q8_0", "q4_k_m")}
+    stated = f"{sizes['f16']} (f16), {sizes['q8_0']} (q8_0) and {sizes['q4_k_m']} (q4_k_m)"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert stated in readme and f"its {n / 1e9:.2f}B weights" in readme, stated

@@ -1,0 +1,223 @@
+"""GGUF export checked by llama.cpp itself (llama-cpp-python): logits and greedy tokens against the merged
+Hugging Face model in transformers, quantized files, the embedded chat template, and the held-out loss."""
+
+import json
+import math
+import subprocess
+import sys
+
+import llama_cpp  # make test installs it (requirements-gguf.txt)
+import numpy as np
+import pytest
+from conftest import HF_PYTHON, REPO, TINY, logged_metrics, offline_env
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+from lora_tools import export
+from lora_tools.inference import PromptFormat
+from lora_tools.launch import load_config
+from lora_tools.sft_data import conversation_dataset
+
+CHAT_CONFIG = "configs/tiny_chat.yaml"
+N_NEW = 32
+HELDOUT = [json.loads(line)["messages"] for line in (TINY / "data/chat_heldout.jsonl").read_text().splitlines()]
+
+
+def _prompts() -> list[list[int]]:
+    """10 held-out conversations up to their last assistant turn, as the recipe formats prompts."""
+    from torchtune import config
+
+    cfg = load_config(["--config", CHAT_CONFIG])
+    fmt = PromptFormat(cfg, config.instantiate(cfg.tokenizer))
+    out = []
+    for messages in HELDOUT[:10]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        out.append(fmt.tokens(messages[:last]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(chat_demo):
+    out, _, _ = chat_demo
+    args = ["--config", CHAT_CONFIG, f"output_dir={out}", "--gguf", "--quant", "f16,q8_0,q4_k_m"]
+    assert export.main(args) == 0
+    folder = out / "checkpoints" / "step_0000120" / "gguf"
+    return out, folder
+
+
+@pytest.fixture(scope="module")
+def hf(exported, tmp_path_factory):
+    """transformers on the merged model: next-token logits and 32 greedy tokens for each prompt."""
+    out, _ = exported
+    tmp = tmp_path_factory.mktemp("hf_gguf")
+    (tmp / "prompts.json").write_text(json.dumps(_prompts()))
+    merged = out / "checkpoints" / "step_0000120" / "model"
+    cmd = [str(HF_PYTHON), str(REPO / "tests/hf_generate.py"), str(merged), str(tmp / "prompts.json"), str(N_NEW)]
+    subprocess.run([*cmd, str(tmp / "out.json")], check=True, timeout=300)
+    return json.loads((tmp / "out.json").read_text())
+
+
+def _load(path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, seed=0)
+
+
+def _next_logits(llm, tokens: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[len(tokens) - 1], dtype=np.float64)
+
+
+def _greedy(llm, tokens: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(tokens)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference in units of the logit scale (the largest |logit| of the reference)."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_files_written(exported):
+    _, folder = exported
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["Modelfile", "README.md", "model-f16.gguf", "model-q4_k_m.gguf", "model-q8_0.gguf"]
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-q4_k_m.gguf\n") and 'PARAMETER stop "<|eot_id|>"' in modelfile
+    assert (
+        "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul"
+        in modelfile
+    )
+    assert "ollama create" in (folder / "README.md").read_text()
+
+
+def test_f16_logits_and_greedy_tokens_match_transformers(exported, hf):
+    _, folder = exported
+    llm = _load(folder / "model-f16.gguf")
+    worst = 0.0
+    for tokens, logits, greedy in zip(_prompts(), hf["logits"], hf["greedy"], strict=True):
+        worst = max(worst, _relative(_next_logits(llm, tokens), np.array(logits)))
+        assert _greedy(llm, tokens, N_NEW) == greedy
+    assert worst <= 1e-2, worst
+    print(f"\nf16 vs transformers: largest next-token logit difference {worst:.2e} of the logit scale")
+
+
+def test_quantized_files(exported):
+    _, folder = exported
+    f16 = _load(folder / "model-f16.gguf")
+    reference = [_next_logits(f16, t) for t in _prompts()]
+    diffs = {}
+    for quant in ("q8_0", "q4_k_m"):
+        llm = _load(folder / f"model-{quant}.gguf")
+        diffs[quant] = max(_relative(_next_logits(llm, t), r) for t, r in zip(_prompts(), reference, strict=True))
+        assert len(_greedy(llm, _prompts()[0], 8)) == 8
+    assert diffs["q8_0"] <= 5e-2, diffs
+    print(f"\nlogit difference vs f16, of the logit scale: q8_0 {diffs['q8_0']:.2e}, q4_k_m {diffs['q4_k_m']:.2e}")
+
+
+def test_llama_cpp_chat_formatting_gives_the_trained_tokens(exported):
+    """llama-cpp-python formats a conversation with the GGUF's embedded template, and tokenizes it with
+    llama.cpp's tokenizer: the same ids as the recipe's prompt for that conversation."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    _, folder = exported
+    llm = _load(folder / "model-f16.gguf")
+    template = llm.metadata["tokenizer.chat_template"]
+    formatter = Jinja2ChatFormatter(template=template, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>")
+    for messages, expected in zip(HELDOUT[:10], _prompts(), strict=True):
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = formatter(messages=messages[:last]).prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == expected
+
+
+def test_llama_cpp_held_out_loss_equals_the_recipes(exported):
+    """The mean loss of llama.cpp's logits on the demo's held-out assistant tokens is within 1% of the recipe's
+    own held-out loss after training."""
+    out, folder = exported
+    steps = logged_metrics(out)
+    recipe_loss = steps[max(s for s, m in steps.items() if "val_loss" in m)]["val_loss"]
+    from torchtune import config
+
+    cfg = load_config(["--config", CHAT_CONFIG])
+    ds = conversation_dataset(
+        config.instantiate(cfg.tokenizer), str(TINY / "data/chat_heldout.jsonl"), chat_template=str(TINY)
+    )
+    llm = _load(folder / "model-f16.gguf")
+    total, count = 0.0, 0
+    for i in range(len(ds)):
+        tokens, labels = ds[i]["tokens"], ds[i]["labels"]
+        llm.reset()
+        llm.eval(tokens)
+        scores = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+        logp = (
+            scores
+            - np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - scores.max(-1, keepdims=True)
+        )
+        for pos in range(len(tokens) - 1):
+            if labels[pos + 1] != CROSS_ENTROPY_IGNORE_IDX:
+                total -= logp[pos, labels[pos + 1]]
+                count += 1
+    loss = total / count
+    assert math.isfinite(loss) and abs(loss - recipe_loss) <= 0.01 * recipe_loss, (loss, recipe_loss)
+    print(f"\nheld-out loss: llama.cpp {loss:.4f}, recipe {recipe_loss:.4f}")
+
+
+def _one_line_error(capsys, status):
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_bad_exports_are_one_line_and_leave_no_gguf(exported, tmp_path, capsys):
+    out, folder = exported
+    before = sorted(p.name for p in folder.iterdir())
+    status = export.main(["--config", CHAT_CONFIG, f"output_dir={out}", "--gguf", "--quant", "q4_km"])
+    line = _one_line_error(capsys, status)
+    assert "'q4_km' is not a quantization type" in line and "q4_k_m" in line
+    status = export.main(["--config", CHAT_CONFIG, f"output_dir={tmp_path}/none", "--gguf"])
+    assert "no checkpoint under" in _one_line_error(capsys, status)
+    step = out / "checkpoints" / "step_0000100"  # a step checkpoint: adapter and resume state only
+    status = export.main(["--config", CHAT_CONFIG, f"output_dir={out}", "--checkpoint", str(step), "--gguf"])
+    line = _one_line_error(capsys, status)
+    assert "has no merged model (saved adapter-only)" in line and f"--checkpoint {step}" in line
+    assert not (step / "gguf").exists()
+    assert sorted(p.name for p in folder.iterdir()) == before
+    # any checkpoint exports once its merged model is written
+    assert export.main(["--config", CHAT_CONFIG, f"output_dir={out}", "--checkpoint", str(step)]) == 0
+    assert export.main(["--config", CHAT_CONFIG, f"output_dir={out}", "--checkpoint", str(step), "--gguf"]) == 0
+    assert (step / "gguf" / "model-f16.gguf").is_file()
+
+
+def test_base_model_export_matches_transformers(tmp_path):
+    """--base: the base model's GGUF, next-token logits as transformers computes them on the base folder."""
+    out = tmp_path / "out"
+    assert export.main(["--config", CHAT_CONFIG, f"output_dir={out}", "--gguf", "--base"]) == 0
+    prompts = _prompts()[:3]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    cmd = [str(HF_PYTHON), str(REPO / "tests/hf_generate.py"), str(TINY), str(tmp_path / "prompts.json"), "1"]
+    subprocess.run([*cmd, str(tmp_path / "hf.json")], check=True, timeout=300)
+    expected = json.loads((tmp_path / "hf.json").read_text())["logits"]
+    llm = _load(out / "base-gguf" / "model-f16.gguf")
+    worst = max(_relative(_next_logits(llm, t), np.array(e)) for t, e in zip(prompts, expected, strict=True))
+    assert worst <= 1e-2, worst
+
+
+def test_export_checks_the_disk_first(tmp_path):
+    """A 4 MiB disk (a tmpfs in a private mount namespace) for a 6.7 MB f16 file: refused before writing."""
+    small = tmp_path / "small"
+    small.mkdir()
+    cmd = (
+        f"mount -t tmpfs -o size=4M tmpfs {small} && cd {REPO} && {sys.executable} -m lora_tools.export "
+        f"--config {CHAT_CONFIG} output_dir={small}/out --gguf --base; status=$?; find {small} -type f; exit $status"
+    )
+    result = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, env=offline_env())
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "not enough disk for the GGUF files" in errors[0] and "GB free" in errors[0]
+    assert result.stdout.strip() == ""  # no file written
