@@ -71,6 +71,15 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
+    """A chat template rendered as transformers renders it (for a template that is not a model's file)."""
+    return (
+        _environment()
+        .from_string(template)
+        .render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
+    )
+
+
 def _token_text(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, or an AddedToken mapping with "content"."""
     if isinstance(value, dict):

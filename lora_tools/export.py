@@ -15,12 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from torchtune import config, training
+from omegaconf import ListConfig, OmegaConf
+from torchtune import config, training, utils
 
-from lora_tools import checkpoints, gguf_export, hf_export, preflight, settings
+from lora_tools import chat_template, checkpoints, gguf_export, hf_export, preflight, settings
 from lora_tools.errors import UserError, fail
 from lora_tools.launch import load_config
+
+log = utils.get_logger("INFO")
 
 
 def export(cfg, checkpoint: Path | None) -> Path:
@@ -37,6 +39,45 @@ def export(cfg, checkpoint: Path | None) -> Path:
     base = config.instantiate(ckpt_cfg).load_checkpoint()[training.MODEL_KEY]
     spec = hf_export.AdapterSpec.from_model_config(cfg.model)
     return hf_export.write_merged_model(checkpoint, base, adapter, spec, Path(cfg.checkpointer.checkpoint_dir))
+
+
+def training_template(cfg, base: bool) -> str:
+    """The chat template for the GGUF: the one training rendered with (its date set inside), or for --base
+    the model's own. torchtune's builders train in the plain Llama 3 format."""
+    if base:
+        return chat_template.read_template(str(cfg.checkpointer.checkpoint_dir))[0]
+    first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
+    if not str(first.get("_component_", "")).startswith("lora_tools.sft_data."):
+        log.warning(
+            f"{first._component_} trains in torchtune's Llama 3 format (no system block, alpaca data wrapped in the "
+            "alpaca prompt): the GGUF's template is the plain Llama 3 format"
+        )
+        return chat_template.LLAMA3_TEMPLATE
+    kwargs = first.get("chat_template_kwargs", None)
+    kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else {}
+    template = chat_template.read_template(first.get("chat_template", None))[0]
+    date = kwargs.get("date_string", chat_template.TEMPLATE_DATE.strftime("%d %b %Y"))
+    return gguf_export.pinned_template(template, date)
+
+
+def write_modelfile(out_dir: Path, gguf_name: str, template: str) -> None:
+    """The Modelfile, after checking that Ollama would render what the template renders."""
+    variables = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+
+    def render(messages):
+        return chat_template.render_template(template, messages, True, variables)
+
+    ollama = gguf_export.ollama_template(render)
+    probes = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant",
+         "content": "Hello"}, {"role": "user", "content": "Bye"}],
+        [{"role": "user", "content": "Hi"}],
+    ]  # fmt: skip
+    for probe in probes:
+        if gguf_export.ollama_render(ollama, probe) != render(probe).removeprefix("<|begin_of_text|>"):
+            log.warning("the Modelfile's template does not render as the training template does; check it")
+            break
+    (out_dir / "Modelfile").write_text(gguf_export.modelfile(gguf_name, ollama))
 
 
 def export_gguf(cfg, checkpoint: Path | None, base: bool, quants: list[str]) -> list[Path]:
@@ -57,14 +98,15 @@ def export_gguf(cfg, checkpoint: Path | None, base: bool, quants: list[str]) -> 
                 f"lora_tools.export --config <your config> --checkpoint {checkpoint}, then add --gguf"
             )
     name = Path(cfg.output_dir).name if not base else Path(cfg.checkpointer.checkpoint_dir).name
-    files = gguf_export.export(model_dir, out_dir, quants, name)
-    smallest = files[-1].name
-    (out_dir / "Modelfile").write_text(gguf_export.modelfile(smallest))
+    template = training_template(cfg, base)
+    files = gguf_export.export(model_dir, out_dir, quants, name, template)
+    smallest = min(files, key=lambda f: gguf_export.QUANT_TYPES[f.stem.removeprefix("model-")][1]).name
+    write_modelfile(out_dir, smallest, template)
     (out_dir / "README.md").write_text(
         f"# {name} (GGUF)\n\n"
         + "".join(f"- `{f.name}`\n" for f in files)
         + f"\nRun it:\n\n```bash\nollama create {name.lower()} -f Modelfile && ollama run {name.lower()}\n"
-        f"llama-cli -m {smallest} -cnv\nllama-server -m {smallest} --jinja\n```\n"
+        f"llama-cli -m {smallest} -cnv --jinja\nllama-server -m {smallest} --jinja\n```\n"
     )
     return files
 
@@ -85,7 +127,13 @@ def main(argv=None) -> int:
         cfg = load_config(["--config", args.config, *overrides])
         settings.parse(cfg, args.config)  # the same typo and value checks as training
         if args.gguf:
-            for path in export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant)):
+            try:
+                files = export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant))
+            except OSError as e:  # disk full, permissions: the partial file is already removed
+                raise UserError(
+                    f"GGUF export failed: {e.strerror or e} ({e.filename or 'output'}); nothing partial left"
+                )
+            for path in files:
                 print(f"GGUF: {path} ({path.stat().st_size / 1e6:.1f} MB)")
             return 0
         folder = export(cfg, args.checkpoint)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from lora_tools.errors import UserError
 
@@ -35,10 +35,15 @@ QUANT_TYPES = {
     "q3_k_m": (12, 0.49),
     "q2_k": (10, 0.41),
 }
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
-# Servers render the template with today's date unless told another; the GGUF's template defaults to the one
-# training rendered (lora_tools.chat_template.TEMPLATE_DATE), so a served prompt is a trained prompt.
-PIN_DATE = '{%- if date_string is not defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}\n'
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
+
+
+def pinned_template(template: str, date_string: str | None) -> str:
+    """The template with the date training rendered set inside it: servers pass today's date (llama-server's
+    Llama 3 handler passes date_string even without tools), and a set at the top wins over a passed value."""
+    if date_string is None or "date_string" not in template:
+        return template
+    return f'{{%- set date_string = "{date_string}" -%}}' + template
 
 
 def parse_quants(text: str) -> list[str]:
@@ -84,48 +89,66 @@ def _rope_factors(config: dict) -> np.ndarray | None:
     return np.array(out, dtype=np.float32)
 
 
-def _tensors(model_dir: Path, config: dict):
-    """(llama.cpp name, array) for every weight: 2-D in f16, norms in f32."""
-    state = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(str(path)))
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _gguf_name(key: str, config: dict, model_dir: Path) -> str | None:
+    """llama.cpp's name for a Hugging Face Llama weight; None for a tied output layer (llama.cpp reuses
+    token_embd)."""
+    if key == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if key == "model.norm.weight":
+        return "output_norm.weight"
+    if key == "lm_head.weight":
+        return None if config.get("tie_word_embeddings") else "output.weight"
+    parts = key.split(".")  # model.layers.<i>.<module>.<proj>.weight
+    module = ".".join(parts[3:-1])
+    if parts[:2] != ["model", "layers"] or parts[-1] != "weight" or module not in _LAYER_NAMES:
+        raise UserError(f"{model_dir}: weight {key} is not part of a Llama model; export a Llama checkpoint")
+    return f"blk.{parts[2]}.{_LAYER_NAMES[module]}.weight"
+
+
+def _weights(model_dir: Path, config: dict):
+    """(llama.cpp name, shape, a function that loads the array) for every weight, without loading any: the
+    writer takes them one at a time, so a 3B export holds one tensor in memory, not the model."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    names = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    for key, w in state.items():
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        elif key == "lm_head.weight":
-            if config.get("tie_word_embeddings"):
-                continue  # llama.cpp uses token_embd for a tied output layer
-            name = "output.weight"
-        else:
-            parts = key.split(".")  # model.layers.<i>.<module>.<proj>.weight
-            if parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in names:
-                raise UserError(f"{model_dir}: weight {key} is not part of a Llama model; export a Llama checkpoint")
-            name = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.weight"
-            if name.endswith("attn_q.weight"):
-                w = _permute_for_rope(w, heads)
-            elif name.endswith("attn_k.weight"):
-                w = _permute_for_rope(w, kv_heads)
-        yield name, w.to(torch.float16 if w.dim() > 1 else torch.float32).numpy()
+    out = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = _gguf_name(key, config, model_dir)
+                if name is None:
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                heads_here = (
+                    heads if name.endswith("attn_q.weight") else kv_heads if name.endswith("attn_k.weight") else 0
+                )
+
+                def load(path=path, key=key, heads_here=heads_here):
+                    with safe_open(str(path), framework="pt") as g:
+                        w = g.get_tensor(key)
+                    if heads_here:
+                        w = _permute_for_rope(w, heads_here)
+                    return w.to(torch.float16 if w.dim() > 1 else torch.float32).numpy()
+
+                out.append((name, shape, np.float16 if len(shape) > 1 else np.float32, load))
     factors = _rope_factors(config)
     if factors is not None:
-        yield "rope_freqs.weight", factors
+        out.append(("rope_freqs.weight", factors.shape, np.float32, lambda: factors))
+    return out
 
 
-def _tokenizer(model_dir: Path) -> dict:
+def _tokenizer(model_dir: Path, vocab_size: int) -> dict:
     """Vocabulary, merges and special tokens from the Hugging Face tokenizer files."""
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -136,9 +159,10 @@ def _tokenizer(model_dir: Path) -> dict:
         if added.get("special"):
             special.add(added["content"])
     by_id = {i: t for t, i in vocab.items()}
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(max(by_id) + 1)]
+    size = max(vocab_size, max(by_id) + 1)  # embedding rows past the tokenizer's last id are unused slots
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     types = [
-        TOKEN_CONTROL if t in special else TOKEN_USER_DEFINED if i not in by_id else TOKEN_NORMAL
+        TOKEN_UNUSED if i not in by_id else TOKEN_CONTROL if t in special else TOKEN_NORMAL
         for i, t in enumerate(tokens)
     ]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"].get("merges", [])]
@@ -148,9 +172,6 @@ def _tokenizer(model_dir: Path) -> dict:
         value = value.get("content") if isinstance(value, dict) else value
         return vocab.get(value) if isinstance(value, str) else None
 
-    template = tokenizer_config.get("chat_template")
-    if template is None and (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     return {
         "tokens": tokens,
         "types": types,
@@ -160,16 +181,16 @@ def _tokenizer(model_dir: Path) -> dict:
         "eot": vocab.get("<|eot_id|>"),
         "eom": vocab.get("<|eom_id|>"),
         "pad": vocab.get("<|finetune_right_pad_id|>"),
-        "template": PIN_DATE + template if isinstance(template, str) else None,
     }
 
 
-def write_f16(model_dir: Path, out: Path, name: str) -> None:
-    """The model in ``model_dir`` (Hugging Face Llama files) as an f16 GGUF at ``out``."""
+def write_f16(model_dir: Path, out: Path, name: str, template: str | None) -> None:
+    """The model in ``model_dir`` (Hugging Face Llama files) as an f16 GGUF at ``out``, with ``template`` (the
+    prompt format training used) as its chat template."""
     import gguf
 
     config = json.loads((model_dir / "config.json").read_text())
-    tok = _tokenizer(model_dir)
+    tok = _tokenizer(model_dir, config["vocab_size"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     writer = gguf.GGUFWriter(str(out), "llama")
     writer.add_name(name)
@@ -200,13 +221,16 @@ def write_f16(model_dir: Path, out: Path, name: str) -> None:
     if tok["pad"] is not None:
         writer.add_pad_token_id(tok["pad"])
     writer.add_add_bos_token(True)
-    if tok["template"] is not None:
-        writer.add_chat_template(tok["template"])
-    for tensor_name, array in _tensors(model_dir, config):
-        writer.add_tensor(tensor_name, array)
+    if template is not None:
+        writer.add_chat_template(template)
+    weights = _weights(model_dir, config)
+    for tensor_name, shape, dtype, _ in weights:
+        writer.add_tensor_info(tensor_name, shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for _, _, _, load in weights:
+        writer.write_tensor_data(load())
     writer.close()
 
 
@@ -214,7 +238,7 @@ def quantize(f16: Path, out: Path, quant: str) -> None:
     """llama.cpp's own quantizer, through llama-cpp-python."""
     try:
         import llama_cpp
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):  # not installed, or its compiled library does not load
         raise UserError(
             f"--quant {quant} needs llama.cpp's quantizer from llama-cpp-python; install it with `make gguf-install` "
             "(it compiles llama.cpp the first time, a few minutes), or export f16 only"
@@ -227,13 +251,15 @@ def quantize(f16: Path, out: Path, quant: str) -> None:
         raise UserError(f"llama.cpp could not quantize {f16} to {quant} (status {status})")
 
 
-def export(model_dir: Path, out_dir: Path, quants: list[str], name: str) -> list[Path]:
+def export(model_dir: Path, out_dir: Path, quants: list[str], name: str, template: str | None) -> list[Path]:
     """``model-<quant>.gguf`` for each quant (f16 first) in ``out_dir``, each complete or absent."""
     missing = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (model_dir / f).is_file()]
     if missing or not any(model_dir.glob("*.safetensors")):
         what = missing[0] if missing else "*.safetensors"
         raise UserError(f"{model_dir} has no {what}; export a Hugging Face model folder (a checkpoint's model/)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".tmp-model-*.gguf"):  # left by an export that was killed
+        stale.unlink()
     needed, free = estimated_bytes(model_dir, quants), shutil.disk_usage(out_dir).free
     if free < needed:
         raise UserError(
@@ -246,7 +272,7 @@ def export(model_dir: Path, out_dir: Path, quants: list[str], name: str) -> list
         partial = out_dir / f".tmp-model-{quant}.gguf"
         try:
             if quant == "f16":
-                write_f16(model_dir, partial, name)
+                write_f16(model_dir, partial, name, template)
             else:
                 quantize(out_dir / "model-f16.gguf", partial, quant)
             os.replace(partial, final)
@@ -256,18 +282,51 @@ def export(model_dir: Path, out_dir: Path, quants: list[str], name: str) -> list
     return written
 
 
-def modelfile(gguf_name: str) -> str:
-    """An Ollama Modelfile: the GGUF, the training prompt format in Ollama's template language, stop tokens."""
+def ollama_template(render) -> str:
+    """The training prompt format in Ollama's template language, read off the training template itself.
+
+    ``render(messages)`` is the training template with the generation prompt. Probes with and without a system
+    message give the text before the first user turn (Llama 3.2's system block, date included, or nothing);
+    the turns are Llama 3's headers, which every template this project trains with uses.
+    """
+    user = "<|start_header_id|>user<|end_header_id|>\n\n"
+    with_system = render([{"role": "system", "content": "\x01"}, {"role": "user", "content": "\x02"}])
+    without = render([{"role": "user", "content": "\x02"}])
+    sys_prefix, _, rest = with_system.partition("\x01")
+    sys_suffix = rest.partition(user)[0]
+    no_system = without.partition(user)[0]
+    for text in (sys_prefix, no_system):  # Ollama adds BOS itself
+        if not text.startswith("<|begin_of_text|>"):
+            raise UserError("the training template does not start with <|begin_of_text|>; no Modelfile for it")
+    sys_prefix, no_system = sys_prefix.removeprefix("<|begin_of_text|>"), no_system.removeprefix("<|begin_of_text|>")
     return (
-        f"FROM ./{gguf_name}\n"
-        'TEMPLATE """{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}'
-        "{{- $system = .Content }}{{- end }}{{- end -}}\n"
-        "<|start_header_id|>system<|end_header_id|>\n\n"
-        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-        "{{ $system }}<|eot_id|>\n"
+        '{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{- $system = .Content }}{{- end }}'
+        "{{- end }}"
+        f"{{{{- if $system }}}}{sys_prefix}{{{{ $system }}}}{sys_suffix}{{{{- else }}}}{no_system}{{{{- end }}}}"
         '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
         "{{ .Content }}<|eot_id|>{{- end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        '"""\n'
+    )
+
+
+def ollama_render(template: str, messages: list[dict]) -> str:
+    """What Ollama renders from ``ollama_template``'s output for ``messages`` (its Go template, evaluated here
+    for the few constructs it uses), so the export can check it against the training format."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    head, _, rest = template.partition("{{- if $system }}")
+    with_sys, _, rest = rest.partition("{{- else }}")
+    no_sys, _, rest = rest.partition("{{- end }}")
+    out = with_sys.replace("{{ $system }}", system) if system else no_sys
+    for m in messages:
+        if m["role"] != "system":
+            out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
+    return out + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def modelfile(gguf_name: str, template: str) -> str:
+    """An Ollama Modelfile: the GGUF, the training prompt format, the stop tokens."""
+    return (
+        f"FROM ./{gguf_name}\n"
+        f'TEMPLATE """{template}"""\n'
         'PARAMETER stop "<|eot_id|>"\n'
         'PARAMETER stop "<|eom_id|>"\n'
         'PARAMETER stop "<|end_of_text|>"\n'

@@ -95,6 +95,35 @@ def test_files_written(exported):
     assert "ollama create" in (folder / "README.md").read_text()
 
 
+def test_modelfile_renders_the_training_prompts(exported):
+    """The Modelfile's template, evaluated as Ollama would for 20 held-out conversations (its few Go template
+    constructs, in lora_tools.gguf_export.ollama_render), is the training prompt without the BOS Ollama adds."""
+    from torchtune import config
+
+    from lora_tools.chat_template import ChatFormat
+    from lora_tools.gguf_export import ollama_render
+
+    _, folder = exported
+    template = (folder / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    cfg = load_config(["--config", CHAT_CONFIG])
+    fmt = ChatFormat(config.instantiate(cfg.tokenizer), str(TINY))
+    for messages in HELDOUT[:20]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        expected = fmt.render(messages[:last], add_generation_prompt=True).removeprefix("<|begin_of_text|>")
+        assert ollama_render(template, messages[:last]) == expected
+
+
+def test_embedded_template_keeps_the_training_date(exported):
+    """llama-server passes today's date to Llama 3 templates; the date set inside the GGUF's template wins."""
+    from lora_tools.chat_template import render_template
+
+    _, folder = exported
+    template = _load(folder / "model-f16.gguf").metadata["tokenizer.chat_template"]
+    messages = [{"role": "user", "content": "Hi"}]
+    text = render_template(template, messages, True, {"bos_token": "<|begin_of_text|>", "date_string": "01 Jan 2030"})
+    assert "Today Date: 26 Jul 2024\n" in text and "2030" not in text
+
+
 def test_f16_logits_and_greedy_tokens_match_transformers(exported, hf):
     _, folder = exported
     llm = _load(folder / "model-f16.gguf")
@@ -221,3 +250,20 @@ def test_export_checks_the_disk_first(tmp_path):
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert "not enough disk for the GGUF files" in errors[0] and "GB free" in errors[0]
     assert result.stdout.strip() == ""  # no file written
+
+
+def test_a_failed_export_leaves_no_partial_file(exported, tmp_path):
+    """A failure after the f16 file's header is written (here: a config whose head count does not divide the q
+    rows) removes the partial file; the folder holds nothing."""
+    import shutil
+
+    from lora_tools import gguf_export
+
+    out, _ = exported
+    model = tmp_path / "model"
+    shutil.copytree(out / "checkpoints" / "step_0000120" / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_attention_heads": 7}))
+    with pytest.raises(RuntimeError):
+        gguf_export.export(model, tmp_path / "gguf", ["f16", "q8_0"], "broken", None)
+    assert list((tmp_path / "gguf").iterdir()) == []

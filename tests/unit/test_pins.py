@@ -90,7 +90,7 @@ def unpinned(files: list[Path], repo: Path = REPO, own: set[str] | None = None) 
     problems = []
     for path in files:
         env = environment(path) if repo == REPO else "runtime"
-        allowed = ALLOWED[env]
+        allowed = [name for name in ALLOWED[env] if (repo / name).is_file()]
         pinned = set().union(*(pins(repo / name) for name in allowed))
         for name in sorted(imported_names(path) - set(sys.stdlib_module_names) - own):
             # An import name that maps to no installed distribution is taken as its own distribution name.
