@@ -148,6 +148,7 @@ class ChatFormat:
         self._tokenizer = tokenizer
         self._variables = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", **special, **(variables or {})}
         self._special = dict(tokenizer.special_tokens)
+        self._special_bytes = {i: name.encode() for name, i in self._special.items()}
         names = sorted(self._special, key=len, reverse=True)
         self._special_pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
@@ -206,6 +207,5 @@ class ChatFormat:
         return ids, trained
 
     def _token_bytes(self, ids: list[int]) -> list[bytes]:
-        names = {v: k for k, v in self._special.items()}
         encoding = self._tokenizer.tt_model.tt_model  # the tiktoken Encoding behind torchtune's Llama 3 tokenizer
-        return [names[i].encode() if i in names else encoding.decode_single_token_bytes(i) for i in ids]
+        return [self._special_bytes.get(i) or encoding.decode_single_token_bytes(i) for i in ids]

@@ -21,6 +21,7 @@ from torchtune import config, training, utils
 from lora_tools import chat_template, checkpoints, gguf_export, hf_export, preflight, settings
 from lora_tools.errors import UserError, fail
 from lora_tools.launch import load_config
+from lora_tools.sft_data import own_data_section
 
 log = utils.get_logger("INFO")
 
@@ -46,18 +47,17 @@ def training_template(cfg, base: bool) -> str:
     the model's own. torchtune's builders train in the plain Llama 3 format."""
     if base:
         return chat_template.read_template(str(cfg.checkpointer.checkpoint_dir))[0]
-    first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
-    if not str(first.get("_component_", "")).startswith("lora_tools.sft_data."):
+    own = own_data_section(cfg)
+    if own is None:
+        first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
         log.warning(
-            f"{first._component_} trains in torchtune's Llama 3 format (no system block, alpaca data wrapped in the "
-            "alpaca prompt): the GGUF's template is the plain Llama 3 format"
+            f"{first._component_} trains in torchtune's Llama 3 format (no system block, alpaca data wrapped in "
+            "the alpaca prompt): the GGUF's template is the plain Llama 3 format"
         )
         return chat_template.LLAMA3_TEMPLATE
-    kwargs = first.get("chat_template_kwargs", None)
-    kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else {}
-    template = chat_template.read_template(first.get("chat_template", None))[0]
+    location, kwargs, _ = own
     date = kwargs.get("date_string", chat_template.TEMPLATE_DATE.strftime("%d %b %Y"))
-    return gguf_export.pinned_template(template, date)
+    return gguf_export.pinned_template(chat_template.read_template(location)[0], date)
 
 
 def write_modelfile(out_dir: Path, gguf_name: str, template: str) -> None:

@@ -18,6 +18,7 @@ from lora_tools import checkpoints, preflight
 from lora_tools.chat_template import ChatFormat
 from lora_tools.decoder import Trunk
 from lora_tools.errors import UserError
+from lora_tools.sft_data import own_data_section
 
 # (tokens [1, n], input_pos [1, n], mask [1, n, total]) -> logits of the last position [vocabulary]
 NextTokenLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,14 +34,12 @@ class PromptFormat:
 
     def __init__(self, cfg: DictConfig, tokenizer):
         first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
-        component = str(first.get("_component_", ""))
         self._tokenizer = tokenizer
-        self._chat, self._system, self._alpaca = None, None, "alpaca" in component
-        if component.startswith("lora_tools.sft_data."):
-            kwargs = first.get("chat_template_kwargs", None)
-            kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else None
-            self._chat = ChatFormat(tokenizer, first.get("chat_template", None), kwargs)
-            self._system = first.get("system_prompt", None)
+        self._chat, self._system, self._alpaca = None, None, "alpaca" in str(first.get("_component_", ""))
+        own = own_data_section(cfg)
+        if own is not None:
+            template, kwargs, self._system = own
+            self._chat = ChatFormat(tokenizer, template, kwargs)
 
     def tokens(self, messages: list[dict]) -> list[int]:
         """The conversation so far, ending with the assistant header, ready for the answer."""

@@ -13,6 +13,7 @@ many tokens truncation at ``tokenizer.max_seq_len`` drops.
 from array import array
 from typing import Any
 
+from omegaconf import ListConfig, OmegaConf
 from torch.utils.data import Dataset
 from torchtune import utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -61,6 +62,17 @@ class TokenizedConversations(Dataset):
 
     def trained_counts(self) -> list[int]:
         return [sum(t) for t in self._trained]
+
+
+def own_data_section(cfg) -> tuple[str | None, dict, str | None] | None:
+    """(chat_template, chat_template_kwargs, system_prompt) of the config's first dataset when this module builds
+    it, so prompts at inference and the exported template are the training data's; None for other builders."""
+    first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
+    if not str(first.get("_component_", "")).startswith(f"{__name__}."):
+        return None
+    kwargs = first.get("chat_template_kwargs", None)
+    kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else {}
+    return first.get("chat_template", None), kwargs, first.get("system_prompt", None)
 
 
 def _check_train_on(train_on: str, section: str = "dataset") -> None:

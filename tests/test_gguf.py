@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from functools import cache
 
 import llama_cpp  # make test installs it (requirements-gguf.txt)
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import HF_PYTHON, REPO, TINY, logged_metrics, offline_env
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from lora_tools import export
+from lora_tools.chat_template import LLAMA3_TEMPLATE, read_template
 from lora_tools.inference import PromptFormat
 from lora_tools.launch import load_config
 from lora_tools.sft_data import conversation_dataset
@@ -22,6 +24,7 @@ N_NEW = 32
 HELDOUT = [json.loads(line)["messages"] for line in (TINY / "data/chat_heldout.jsonl").read_text().splitlines()]
 
 
+@cache
 def _prompts() -> list[list[int]]:
     """10 held-out conversations up to their last assistant turn, as the recipe formats prompts."""
     from torchtune import config
@@ -233,8 +236,15 @@ def test_base_model_export_matches_transformers(tmp_path):
     subprocess.run([*cmd, str(tmp_path / "hf.json")], check=True, timeout=300)
     expected = json.loads((tmp_path / "hf.json").read_text())["logits"]
     llm = _load(out / "base-gguf" / "model-f16.gguf")
+    assert llm.metadata["tokenizer.chat_template"] == read_template(str(TINY))[0]  # the model's own, as it is
     worst = max(_relative(_next_logits(llm, t), np.array(e)) for t, e in zip(prompts, expected, strict=True))
     assert worst <= 1e-2, worst
+
+
+def test_torchtune_builders_get_the_llama3_format_and_a_warning(caplog):
+    cfg = load_config(["--config", "configs/tiny.yaml"])  # torchtune's alpaca_dataset
+    assert export.training_template(cfg, base=False) == LLAMA3_TEMPLATE
+    assert "alpaca_dataset trains in torchtune's Llama 3 format" in caplog.text
 
 
 def test_export_checks_the_disk_first(tmp_path):

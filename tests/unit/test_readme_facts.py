@@ -45,3 +45,20 @@ def test_readme_states_the_3b_gguf_sizes():
     stated = f"{sizes['f16']} (f16), {sizes['q8_0']} (q8_0) and {sizes['q4_k_m']} (q4_k_m)"
     readme = " ".join((REPO / "README.md").read_text().split())
     assert stated in readme and f"its {n / 1e9:.2f}B weights" in readme, stated
+
+
+def test_readme_states_the_measured_gguf_export_times():
+    """The GGUF export times README gives come from the committed bench result, as that file records them."""
+    import json
+
+    (path,) = sorted((REPO / "bench" / "results" / "gguf").glob("*.json"))[-1:]
+    result = json.loads(path.read_text())
+    assert result["command"] and result["commit"] and result["versions"] and not result["tree_dirty"]
+    s, s3 = result["seconds"], result["seconds_for_3b"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    stated = (
+        f"({result['model']['weights'] / 1e9:.2f}B weights) exported in {s['f16']} s (f16), {s['q8_0']} s (q8_0) "
+        f"and {s['q4_k_m']} s (q4_k_m) (`{result['command']}`, `bench/results/gguf/{path.name}`); scaled per weight, "
+        f"the 3B export takes about {s3['f16']} s, {s3['q8_0']} s and {s3['q4_k_m']} s there"
+    )
+    assert stated in readme, stated
