@@ -48,7 +48,8 @@ $(TINY)/model.safetensors: lora_tools/tiny_assets.py $(VENV)/.installed
 	$(BIN)/python -m lora_tools.tiny_assets --out $(TINY)
 
 demo: install assets
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny.yaml \
+		"eval_tasks=[tiny_qa,tiny_qa_gen]"
 
 demo-chat: install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_chat.yaml

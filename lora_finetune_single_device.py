@@ -19,6 +19,7 @@ lora_finetune_distributed.py runs this class on every process of a torchrun job 
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,18 @@ from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params, validate_missing_and_unexpected_for_lora
 from torchtune.recipe_interfaces import FTRecipeInterface
 
-from lora_tools import checkpoints, hf_export, model_checks, provenance, report, rng, settings
+from lora_tools import (
+    checkpoints,
+    harness,
+    hf_export,
+    model_card,
+    model_checks,
+    plots,
+    provenance,
+    report,
+    rng,
+    settings,
+)
 from lora_tools.adapter_init import initial_adapter_weights
 from lora_tools.batching import EvalShard, build_dataset, collate_for
 from lora_tools.decoder import Trunk
@@ -43,6 +55,7 @@ from lora_tools.parallel import OneDevice
 from lora_tools.stopping import StopSignal
 
 log = utils.get_logger("INFO")
+PLOT_FILE = "training_curves.png"
 
 
 class LoRAFinetuneRecipe(FTRecipeInterface):
@@ -65,6 +78,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._best_val, self._evals_without_improvement = math.inf, 0
         self._wandb_run_id: str | None = None
         self.val_losses: dict[Any, float] = {}
+        self.history: list[dict[str, float]] = []  # per step: loss, lr, val_loss (the plot's data)
+        self.eval_result: dict | None = None  # eval_tasks: base and finetuned scores, after training
         self.last_checkpoint: Path | None = None
         self.merged_model: Path | None = None  # written into the last checkpoint at the end of a finished run
         self._stop_reason: str | None = None  # "signal" or "early stopping": finish the step, save, stop
@@ -80,6 +95,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
 
         self._tokenizer = config.instantiate(c.tokenizer)
         self._prompt_format = PromptFormat(c, self._tokenizer)  # sample prompts formatted as the training data
+        self._eval_tasks = harness.task_manager(c.eval_tasks, []) if c.eval_tasks else None  # a typo fails now
         self._loss_fn = config.instantiate(c.loss)
         if c.compile:
             self._loss_fn = training.compile_loss(self._loss_fn)
@@ -142,6 +158,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._best_val = state["best_val"]
         self._evals_without_improvement = state["evals_without_improvement"]
         self._wandb_run_id = state["wandb_run_id"]
+        self.history = state.get("history", [])
         self.last_checkpoint = folder
         return state
 
@@ -268,6 +285,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                         pbar.update(1)
                         loss, tok_s = metrics.get("loss", math.nan), metrics["tokens_per_second"]
                         pbar.set_postfix(step=self.global_step, loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                        self.history.append({"step": self.global_step, "loss": loss, "lr": metrics["lr"]})
                         if self.global_step % c.log_every_n_steps == 0:
                             if c.log_peak_memory_stats:
                                 metrics.update(report.memory_stats(self._device))
@@ -307,6 +325,41 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self.val_losses["after"] = self.val_losses.get(self.global_step) or self._validate()
         if not c.sample_every_n_steps or self.global_step % c.sample_every_n_steps:
             self._generate_samples()  # at the end too, unless this step just sampled
+        if self._eval_tasks is not None:
+            self._run_eval_tasks()
+        if self._strategy.is_main:
+            self._write_plot_and_card()
+
+    def _run_eval_tasks(self) -> None:
+        """eval_tasks on the base (adapter off) and on the finetuned model: eval.json, W&B summary, the log."""
+        c = self.cfg
+        if self._strategy.world_size > 1:
+            log.warning("eval_tasks runs on one device: after training run python -m lora_tools.evaluate")
+            return
+        settings_ = harness.EvalSettings(tasks=list(c.eval_tasks), limit=c.eval_limit, seed=self.seed)
+        self._model.eval()
+        scored = {
+            kind: harness.score(self._model, self._tokenizer, self._prompt_format, settings_, self._eval_tasks, base)
+            for kind, base in (("base", True), ("finetuned", False))
+        }
+        self._model.train()
+        self.eval_result = harness.report(settings_, self._prompt_format, scored["base"], scored["finetuned"])
+        harness.write_report(self.last_checkpoint, self.eval_result)
+        if type(self._metric_logger).__name__ == "WandBLogger":
+            import wandb
+
+            wandb.run.summary.update(harness.summary_keys(self.eval_result))
+
+    def _write_plot_and_card(self) -> None:
+        """training_curves.png next to the logs, and the adapter folder's model card (with a copy of the plot)."""
+        c = self.cfg
+        logs = Path(c.metric_logger.get("log_dir") or c.output_dir)
+        plot = plots.write_training_plot(self.history, logs / PLOT_FILE, title=Path(c.output_dir).name)
+        shutil.copyfile(plot, self.last_checkpoint / checkpoints.ADAPTER / PLOT_FILE)
+        before, after = self.val_losses.get("before"), self.val_losses.get("after")
+        loss_rows = [("before", before), ("after", after)] if before is not None and after is not None else None
+        rows = self.eval_result["rows"] if self.eval_result else None
+        model_card.run_card(c, self.last_checkpoint, loss_rows, rows, PLOT_FILE)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], prof) -> dict[str, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the step's metrics."""
@@ -387,6 +440,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if val is None:
             return None
         self.val_losses[self.global_step] = val
+        self.history.append({"step": self.global_step, "val_loss": val})
         self._metric_logger.log_dict({"val_loss": val, "val_perplexity": math.exp(val)}, step=self.global_step)
         if val < self._best_val:
             self._best_val, self._evals_without_improvement = val, 0
@@ -458,6 +512,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             "best_val": self._best_val,
             "evals_without_improvement": self._evals_without_improvement,
             "wandb_run_id": self._wandb_run_id,
+            "history": self.history,
         }
         base_dir = Path(self.cfg.checkpointer.checkpoint_dir)
 
@@ -486,7 +541,10 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         """Printed at the end of a run: what training did to the loss, and where the outputs are."""
         vocab, adapter = self._model.tok_embeddings.num_embeddings, self.last_checkpoint / checkpoints.ADAPTER
         before, after = self.val_losses.get("before"), self.val_losses.get("after")
-        return report.summary(self.first_step_loss, vocab, before, after, adapter, self.merged_model)
+        text = report.summary(self.first_step_loss, vocab, before, after, adapter, self.merged_model)
+        if self.eval_result:
+            text += "\n" + harness.table(self.eval_result["rows"])
+        return text
 
 
 @recipe_main

@@ -40,6 +40,8 @@ class PromptFormat:
         if own is not None:
             template, kwargs, self._system = own
             self._chat = ChatFormat(tokenizer, template, kwargs)
+        # What the prompts look like, in a word (recorded with evaluation results).
+        self.name = "chat_template" if self._chat else ("llama3+alpaca" if self._alpaca else "llama3")
 
     def tokens(self, messages: list[dict]) -> list[int]:
         """The conversation so far, ending with the assistant header, ready for the answer."""
@@ -90,12 +92,8 @@ def greedy(
             n += 1
 
 
-def load_model(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> tuple[torch.nn.Module, Trunk]:
-    """The config's model with base weights + the checkpoint's adapter (or the merged weights), in eval mode."""
-    preflight.check_device(cfg)
-    preflight.check_model_files(cfg)
-    device = utils.get_device(cfg.device)
-    dtype = training.get_dtype(cfg.dtype, device=device)
+def resolve_checkpoint(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> Path:
+    """``checkpoint``, or the newest under output_dir, once it is known to hold the adapter (or model/)."""
     checkpoint = checkpoint or checkpoints.latest_checkpoint(cfg.output_dir)
     if checkpoint is None:
         raise UserError(f"no checkpoint under {cfg.output_dir}/checkpoints; train first or pass --checkpoint")
@@ -103,6 +101,16 @@ def load_model(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> tuple[
     if not needed.is_file():
         hint = " (write it with: python -m lora_tools.export --config ... --checkpoint ...)" if merged else ""
         raise UserError(f"{needed} does not exist{hint}; pass a checkpoints/step_N folder with --checkpoint")
+    return checkpoint
+
+
+def load_model(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> tuple[torch.nn.Module, Trunk]:
+    """The config's model with base weights + the checkpoint's adapter (or the merged weights), in eval mode."""
+    preflight.check_device(cfg)
+    preflight.check_model_files(cfg)
+    device = utils.get_device(cfg.device)
+    dtype = training.get_dtype(cfg.dtype, device=device)
+    checkpoint = resolve_checkpoint(cfg, checkpoint, merged)
     ckpt_cfg = OmegaConf.merge(cfg.checkpointer, {"output_dir": str(Path(cfg.output_dir) / "generate")})
     if merged:
         ckpt_cfg = OmegaConf.merge(ckpt_cfg, {"checkpoint_dir": str(checkpoint / checkpoints.MERGED)})

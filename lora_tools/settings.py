@@ -95,6 +95,10 @@ class RecipeSettings:
     early_stopping_patience: int | None = setting("stop after N evals without a new best loss", None, rule=POSITIVE)
     sample_prompts: list[str] = setting("prompts answered (greedy) during and after training; null: none", [])
     sample_every_n_steps: int | None = setting("answer sample_prompts every N steps", None, rule=POSITIVE)
+    eval_tasks: list[str] = setting(
+        "lm-evaluation-harness tasks scored on the base and the finetuned model after training (eval.json)", []
+    )
+    eval_limit: int | None = setting("at most this many samples per eval task; null: all", None, rule=POSITIVE)
     log_every_n_steps: int = setting("log metrics every N steps", 1, rule=POSITIVE)
     log_peak_memory_stats: bool = setting("log peak memory (GPU, or the process's RSS on CPU)", False)
     collate_fn: str = setting(
@@ -156,7 +160,7 @@ def docs() -> dict[str, str]:
 
 
 def _plain_value(source: str, key: str, value: Any, f: dataclasses.Field) -> Any:
-    if key == "sample_prompts" and value is None:
+    if key in ("sample_prompts", "eval_tasks") and value is None:
         return []
     if key == "dtype" and value == "fp16":
         raise UserError(f"{source}: dtype fp16 is not supported: use dtype=bf16 (GPU) or dtype=fp32 (CPU)")

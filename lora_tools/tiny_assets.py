@@ -186,6 +186,48 @@ def build_dataset(seed: int = SEED) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
+# Held-out questions with answer options, for lora_tools.evaluate (evals/tiny_qa): each question's right answer
+# and three wrong ones that differ from it only where the answer is (another color, number, word or order).
+CHOICES_SEED = SEED + 2  # its own stream: the files above keep their bytes
+
+
+def _wrong_answers(example: dict, rng: random.Random) -> list[str]:
+    right, instruction = example["output"], example["instruction"]
+    if "color" in instruction:
+        thing, color = right.removeprefix("The ").removesuffix(".").split(" is ")
+        return [f"The {thing} is {c}." for c in rng.sample([c for c in COLORS if c != color], 3)]
+    if "opposite" in instruction:
+        word, opposite = example["input"], OPPOSITES[example["input"]]
+        others = [o for o in sorted(set(OPPOSITES.values())) if o != opposite]
+        return [f"The opposite of {word} is {o}." for o in rng.sample(others, 3)]
+    if "reverse" in instruction:
+        items, wrong = example["input"].split(", "), set()
+        while len(wrong) < 3:
+            order = rng.sample(items, len(items))
+            if order != items[::-1]:
+                wrong.add(", ".join(order) + ".")
+        return sorted(wrong)
+    if "Add" in instruction:
+        head, total = right.removesuffix(".").rsplit(" is ", 1)
+        return [f"{head} is {n}." for n in rng.sample([n for n in NUMBER_WORDS if n != total], 3)]
+    count = right.split()[2]
+    return [f"There are {n} animals." for n in rng.sample([n for n in NUMBER_WORDS[2:7] if n != count], 3)]
+
+
+def build_choice_questions(heldout: list[dict], seed: int = CHOICES_SEED) -> list[dict]:
+    """The held-out samples as questions: text as a user would type it, four options, the index of the right one
+    and the exact answer."""
+    rng = random.Random(seed)
+    out = []
+    for e in heldout:
+        choices = [e["output"], *_wrong_answers(e, rng)]
+        rng.shuffle(choices)
+        question = e["instruction"] + (f"\n{e['input']}" if e["input"] else "")
+        answer = choices.index(e["output"])
+        out.append({"question": question, "choices": choices, "answer": answer, "output": e["output"]})
+    return out
+
+
 # Multi-turn chat data: the same tasks as OpenAI-style messages. System prompts use words the vocabulary
 # already has, so they cost a handful of tokens each; they ask for nothing the answers do not already do.
 N_CHAT_TRAIN, N_CHAT_HELDOUT = 1000, 100
@@ -523,6 +565,8 @@ def build(out: Path) -> dict:
 
     (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")
+    choices = build_choice_questions(heldout)
+    (out / "data" / "heldout_choices.jsonl").write_text("".join(json.dumps(q) + "\n" for q in choices))
     chat_train, chat_heldout = build_chat_dataset()
     for name, chats in (("chat_train.jsonl", chat_train), ("chat_heldout.jsonl", chat_heldout)):
         (out / "data" / name).write_text("".join(json.dumps(c) + "\n" for c in chats))

@@ -159,6 +159,22 @@ def pointer(out: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+# What `make demo` adds to configs/tiny.yaml (the Makefile passes the same; test_configs checks it).
+DEMO_EVAL = "eval_tasks=[tiny_qa,tiny_qa_gen]"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`make demo` once per session, through the real `tune run`: (output_dir, result, seconds)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    start = time.monotonic()
+    cmd = ("run", "lora_finetune_single_device.py", "--config", "configs/tiny.yaml", f"output_dir={out}", DEMO_EVAL)
+    result = tune(*cmd)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result, seconds
+
+
 @pytest.fixture(scope="session")
 def chat_demo(tmp_path_factory):
     """`make demo-chat` once per session, through the real `tune run`: (output_dir, result, seconds)."""

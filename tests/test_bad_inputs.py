@@ -134,6 +134,8 @@ CASES = [
     Case("compile-maybe", ("compile is 'maybe'", "True or False"), ("compile=maybe",)),
     Case("compile-yes", ("compile is 'yes'", "True or False"), ("compile=yes",)),
     Case("sample-prompts-5", ("sample_prompts is 5", "a list"), ("sample_prompts=5",)),
+    Case("eval-task-typo", ("unknown evaluation task 'tiny_q'", "did you mean tiny_qa"), ("eval_tasks=[tiny_q]",)),
+    Case("eval-limit-0", ("eval_limit is 0", "greater than 0"), ("eval_tasks=[tiny_qa]", "eval_limit=0")),
     Case("device-typo", ("device 'cuad'", "cuda, cuda:N or cpu"), ("device=cuad",)),
     Case(
         "scheduler-steps-given", ("lr_scheduler.num_training_steps", "recipe"), ("lr_scheduler.num_training_steps=9",)

@@ -13,11 +13,9 @@ def _summary_value(stdout: str, prefix: str) -> str:
     return line
 
 
-def test_tiny_demo_teaches_the_task(tmp_path):
+def test_tiny_demo_teaches_the_task(demo):
     """What `make demo` runs: sane first loss, held-out loss down by at least 30%, adapter + merged model."""
-    out = tmp_path / "out"
-    result = tune("run", "lora_finetune_single_device.py", "--config", "configs/tiny.yaml", f"output_dir={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    out, result, _ = demo
 
     steps = logged_metrics(out)
     losses = [steps[s]["loss"] for s in sorted(steps) if "loss" in steps[s]]
@@ -37,7 +35,7 @@ def test_tiny_demo_teaches_the_task(tmp_path):
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model/model.safetensors"):
         assert (ckpt / name).is_file(), name
     assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
-    assert set(load_recipe_state(ckpt)) == set(STATE_KEYS)  # the layout the resume code checks for
+    assert set(load_recipe_state(ckpt)) == set(STATE_KEYS) | {"history"}  # the layout the resume code checks for
     assert f"{ckpt}/adapter" in result.stdout and f"{ckpt}/model" in result.stdout
 
 
