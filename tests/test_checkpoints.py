@@ -41,7 +41,9 @@ def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path):
     assert run.returncode == 0, run.stderr_text[-3000:]
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "step_0000030"
-    assert sorted(p.name for p in (ckpt / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    adapter_files = sorted(p.name for p in (ckpt / "adapter").iterdir())
+    # the PEFT files, and the model card with its plot (a finished run's last checkpoint)
+    assert adapter_files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_curves.png"]
     model_files = {p.name for p in (ckpt / "model").iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors"} <= model_files
     adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
