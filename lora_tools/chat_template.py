@@ -131,6 +131,27 @@ def read_template(location: str | None) -> tuple[str, dict[str, str], str]:
     return template, special, f"the chat template in {path}"
 
 
+class SpecialTokenText:
+    """Text to ids as Hugging Face's tokenizer cuts it: special-token strings (``<|eot_id|>``) are their ids, the
+    rest goes through the torchtune tokenizer. Rendered chat templates and harness prompts are such text."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.ids = dict(tokenizer.special_tokens)
+        names = sorted(self.ids, key=len, reverse=True)
+        self._pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def encode(self, text: str) -> list[int]:
+        pieces = self._pattern.split(text) if self._pattern else [text]
+        ids = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(self.ids[piece])
+            elif piece:
+                ids.extend(self._tokenizer.encode(piece, add_bos=False, add_eos=False))
+        return ids
+
+
 class ChatFormat:
     """A model's chat template and tokenizer: conversation -> (token ids, which of them are trained)."""
 
@@ -147,10 +168,8 @@ class ChatFormat:
             )
         self._tokenizer = tokenizer
         self._variables = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", **special, **(variables or {})}
-        self._special = dict(tokenizer.special_tokens)
-        self._special_bytes = {i: name.encode() for name, i in self._special.items()}
-        names = sorted(self._special, key=len, reverse=True)
-        self._special_pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        self._text = SpecialTokenText(tokenizer)
+        self._special_bytes = {i: name.encode() for name, i in self._text.ids.items()}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
@@ -163,14 +182,7 @@ class ChatFormat:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as Hugging Face's tokenizer gives them: special-token strings are their ids."""
-        pieces = self._special_pattern.split(text) if self._special_pattern else [text]
-        ids = []
-        for i, piece in enumerate(pieces):
-            if i % 2:
-                ids.append(self._special[piece])
-            elif piece:
-                ids.extend(self._tokenizer.encode(piece, add_bos=False, add_eos=False))
-        return ids
+        return self._text.encode(text)
 
     def prompt(self, messages: list[dict]) -> list[int]:
         """The conversation so far and the assistant header: what a server feeds the model to answer."""

@@ -125,6 +125,19 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
+def write_file(path: Path, write) -> Path:
+    """``write(partial_path)`` into a hidden sibling, then renamed to ``path``: a reader sees the whole file or
+    none (an eval.json, a plot, a model card)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".tmp-{path.name}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
 class AtomicFolder:
     """Files written into a hidden sibling folder, fsynced, then renamed to ``final`` in one step."""
 

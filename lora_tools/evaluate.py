@@ -25,7 +25,7 @@ from lora_tools.inference import PromptFormat, load_model, resolve_checkpoint
 from lora_tools.launch import load_config
 
 
-def _positive_int(name: str):
+def _whole_number(name: str):
     def parse(text: str) -> int:
         try:
             return int(text)
@@ -41,10 +41,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", required=True, help="comma-separated task names, e.g. hellaswag,arc_easy")
     parser.add_argument("--checkpoint", type=Path, help="a checkpoints/step_N folder (default: the newest)")
     parser.add_argument("--merged", action="store_true", help="score the checkpoint's merged model/")
-    parser.add_argument("--limit", type=_positive_int("--limit"), help="at most this many samples per task")
-    parser.add_argument("--num-fewshot", type=_positive_int("--num-fewshot"), help="examples in each prompt")
+    parser.add_argument("--limit", type=_whole_number("--limit"), help="at most this many samples per task")
+    parser.add_argument("--num-fewshot", type=_whole_number("--num-fewshot"), help="examples in each prompt")
     parser.add_argument("--format", choices=["chat", "plain"], default="chat", help="prompt format (default: chat)")
-    parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
+    parser.add_argument("--batch-size", type=_whole_number("--batch-size"), default=8)
     parser.add_argument("--include-path", type=Path, action="append", default=[], help="a folder of task YAMLs")
     args, overrides = parser.parse_known_args(argv)
     try:

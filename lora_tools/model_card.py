@@ -2,11 +2,12 @@
 (base model, datasets, license, tags), then what was trained, how it scored, and how to use it."""
 
 import math
-import os
 import re
 from pathlib import Path
 
 import yaml
+
+from lora_tools.checkpoints import write_file
 
 TAGS = ["torchtune", "lora", "llama-3.2", "text-generation"]
 
@@ -40,15 +41,7 @@ def model_card_text(
 
 def write_model_card(folder: Path, text: str) -> Path:
     """Write ``folder/README.md`` so that an upload or a reader never sees half a card."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "README.md"
-    partial = folder / ".tmp-README.md"
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    return write_file(folder / "README.md", lambda partial: partial.write_text(text, encoding="utf-8"))
 
 
 def _front_matter(base_model: str, datasets: list[str], license: str | None) -> str:

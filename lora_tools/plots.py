@@ -4,11 +4,12 @@ Drawn on a ``Figure`` with its own Agg canvas rather than through pyplot, so tha
 backend nor leaves figures registered in pyplot's global state.
 """
 
-import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from lora_tools.checkpoints import write_file
 
 FIGSIZE = (8.0, 6.0)  # inches
 DPI = 100  # so the PNG is 800 x 600 pixels
@@ -32,14 +33,8 @@ def write_training_plot(history: list[dict], out: Path, title: str = "") -> Path
     if title:
         fig.suptitle(title)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".tmp-{out.name}")  # a reader never sees a half-written PNG
-    try:
-        canvas.print_png(partial)  # not savefig: rcParams such as savefig.bbox would change the pixel size
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    # print_png, not savefig: rcParams such as savefig.bbox would change the pixel size
+    return write_file(out, canvas.print_png)
 
 
 def _plot(ax, history: list[dict], key: str, label: str, style: str) -> None:
