@@ -10,7 +10,6 @@ both side by side.
 import difflib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +23,7 @@ from lm_eval.tasks import TaskManager
 from torchtune.modules.peft import disable_adapter
 
 from lora_tools import checkpoints
+from lora_tools.chat_template import SpecialTokenText
 from lora_tools.decoder import Trunk
 from lora_tools.errors import UserError
 from lora_tools.inference import PromptFormat, greedy, last_position_logits
@@ -48,7 +48,7 @@ class TorchtuneLM(TemplateLM):
         self.prompt_format, self.batch_size, self.max_length = prompt_format, batch_size, max_length
         self._device = next(model.parameters()).device
         self._rank, self._world_size = 0, 1
-        self._specials = dict(tokenizer.special_tokens)
+        self._text = SpecialTokenText(tokenizer)
         self._bos = tokenizer.bos_id
 
     # ---- tokens ----
@@ -63,12 +63,7 @@ class TorchtuneLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """Ids of ``string``, special-token text as its ids; BOS first unless told not to or already there."""
-        ids: list[int] = []
-        for piece in _split_specials(string, self._specials):
-            if piece in self._specials:
-                ids.append(self._specials[piece])
-            elif piece:
-                ids += self.tok.encode(piece, add_bos=False, add_eos=False)
+        ids = self._text.encode(string)
         if add_special_tokens is not False and (not ids or ids[0] != self._bos):
             ids = [self._bos, *ids]
         return ids
@@ -148,21 +143,6 @@ class TorchtuneLM(TemplateLM):
         return out
 
 
-def _split_specials(text: str, specials: dict[str, int]) -> list[str]:
-    """``text`` cut around every special-token string it contains (kept as separate pieces)."""
-    pieces, i, start = [], 0, 0
-    while i < len(text):
-        if text[i] == "<":
-            hit = next((s for s in specials if text.startswith(s, i)), None)
-            if hit:
-                pieces += [text[start:i], hit]
-                i = start = i + len(hit)
-                continue
-        i += 1
-    pieces.append(text[start:])
-    return pieces
-
-
 # ---- tasks and settings ----
 
 
@@ -224,12 +204,8 @@ def evaluate(lm: TorchtuneLM, settings: EvalSettings, manager: TaskManager) -> d
             bootstrap_iters=100,  # stderr of mean metrics is closed-form; this is for the others
             log_samples=False,
         )
-    except ConnectionError as e:
+    except ConnectionError as e:  # datasets' "Couldn't reach '<dataset>' on the Hub (OfflineModeIsEnabled)"
         raise UserError(_offline_message(e)) from None
-    except OSError as e:
-        if "offline" in str(e).lower() or "HF_HUB_OFFLINE" in str(e) or "connect" in str(e).lower():
-            raise UserError(_offline_message(e)) from None
-        raise
 
 
 def _offline_message(e: Exception) -> str:
@@ -327,11 +303,8 @@ def table(rows_: list[dict]) -> str:
 
 def write_report(checkpoint: Path, result: dict, merged: bool = False) -> Path:
     """eval.json in the checkpoint folder, written whole or not at all."""
-    path = checkpoint / EVAL_FILE
-    tmp = path.with_name(f".{EVAL_FILE}.tmp")
-    tmp.write_text(json.dumps({**result, "model": "merged" if merged else "base + adapter"}, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps({**result, "model": "merged" if merged else "base + adapter"}, indent=1) + "\n"
+    return checkpoints.write_file(checkpoint / EVAL_FILE, lambda partial: partial.write_text(text))
 
 
 def summary_keys(result: dict) -> dict[str, float]:

@@ -162,6 +162,7 @@ def test_hub_task_while_offline_is_one_line(demo, capsys):
     _fails(
         capsys,
         ["--config", "configs/tiny.yaml", f"output_dir={out}", "--tasks", "arc_easy", "--limit", "2"],
+        "allenai/ai2_arc",  # the dataset that is missing
         "needs network",
         "--include-path",
     )
