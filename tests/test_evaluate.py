@@ -43,6 +43,11 @@ def test_demo_prints_scores_and_writes_plot_and_card(demo):
     for r in report["rows"]:
         line = next(x for x in result.stdout.splitlines() if x.startswith(r["task"] + " "))
         assert f"{r['base']:.4f}" in line and f"{r['finetuned']:.4f}" in line, line
+    # the README shows these lines as the demo prints them
+    readme = (REPO / "README.md").read_text()
+    for task in ("tiny_qa ", "tiny_qa_gen "):
+        printed = next(x for x in result.stdout.splitlines() if x.startswith(task))
+        assert printed in readme.splitlines(), printed
     # base and finetuned scored with the same harness settings
     base, finetuned = report["base"], report["finetuned"]
     assert base["config"] == finetuned["config"] and base["n-shot"] == finetuned["n-shot"]
