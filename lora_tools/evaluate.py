@@ -19,7 +19,8 @@ from pathlib import Path
 
 from torchtune import config
 
-from lora_tools import harness, settings
+from lora_tools import harness, preflight, settings
+from lora_tools.env import load_env
 from lora_tools.errors import UserError, fail
 from lora_tools.inference import PromptFormat, load_model, resolve_checkpoint
 from lora_tools.launch import load_config
@@ -48,8 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("--include-path", type=Path, action="append", default=[], help="a folder of task YAMLs")
     args, overrides = parser.parse_known_args(argv)
     try:
+        load_env()  # .env: WANDB_API_KEY for the run summary, HF_TOKEN for gated Hub datasets
         cfg = load_config(["--config", args.config, *overrides])
         settings.parse(cfg, args.config)
+        preflight.check_wandb(cfg)  # before minutes of scoring, not after
         eval_settings = harness.EvalSettings(
             tasks=[t.strip() for t in args.tasks.split(",")],
             limit=args.limit,

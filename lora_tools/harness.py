@@ -324,7 +324,7 @@ def to_wandb(cfg, checkpoint: Path, result: dict) -> None:
     import wandb
 
     run_id = checkpoints.load_recipe_state(checkpoint).get("wandb_run_id")
-    project = cfg.metric_logger.get("project")
-    run = wandb.init(project=project, id=run_id, resume="allow" if run_id else None, job_type="eval")
+    project, folder = cfg.metric_logger.get("project"), cfg.metric_logger.get("log_dir") or cfg.output_dir
+    run = wandb.init(project=project, dir=str(folder), id=run_id, resume="allow" if run_id else None, job_type="eval")
     run.summary.update(summary_keys(result))
     run.finish()

@@ -12,11 +12,13 @@ import subprocess
 import time
 
 import pytest
-from conftest import DEMO_EVAL, HF_PYTHON, REPO, logged_metrics
+from conftest import DEMO_EVAL, HF_PYTHON, REPO, logged_metrics, tune_run
 from huggingface_hub import ModelCard
 from PIL import Image
+from wandb_records import run_id, summary
 
 from lora_tools import evaluate, harness
+from lora_tools.checkpoints import latest_checkpoint
 
 STEP = "step_0000120"
 
@@ -172,3 +174,25 @@ def test_hub_task_while_offline_is_one_line(demo, capsys):
         "--include-path",
     )
     assert re.search(r"arc", capsys.readouterr().err) is None  # nothing printed after the error line
+
+
+def test_scores_go_to_the_wandb_run_summary(tmp_path, monkeypatch):
+    """eval_tasks with the W&B logger: the training run's summary holds the rows; the command adds to the same run."""
+    out = tmp_path / "out"
+    wandb = "metric_logger._component_=torchtune.training.metric_logging.WandBLogger"
+    short = ["max_steps_per_epoch=4", "run_val_every_n_steps=null", "sample_every_n_steps=null"]
+    run = tune_run(out, wandb, *short, "eval_tasks=[tiny_qa]", "eval_limit=20")
+    assert run.returncode == 0, run.stderr_text[-3000:]
+    (run_file,) = out.rglob("run-*.wandb")
+    rows = _eval_json(latest_checkpoint(out))["rows"]
+    logged = summary(run_file)
+    for kind in ("base", "finetuned", "difference"):
+        assert logged[f"eval/tiny_qa/acc/{kind}"] == pytest.approx(rows[0][kind], abs=1e-12), kind
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    status = evaluate.main(["--config", "configs/tiny.yaml", f"output_dir={out}", wandb, "--tasks", "tiny_qa_gen"])
+    assert status == 0
+    files = sorted(out.rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    assert len(files) == 2 and run_id(files[-1]) == run_id(run_file)  # the training run, resumed
+    assert "eval/tiny_qa_gen/exact_match/finetuned" in summary(files[-1])
+    assert not (REPO / "wandb").exists()  # nothing written where the command was run

@@ -63,3 +63,15 @@ def run_id(path: Path) -> str | None:
         if record.WhichOneof("record_type") == "run":
             return record.run.run_id
     return None
+
+
+def summary(path: Path) -> dict:
+    """The run's summary as its summary records leave it (later updates win)."""
+    out: dict = {}
+    for payload in payloads(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
