@@ -258,6 +258,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                 if aside:
                     log.warning(f"{c.output_dir} held checkpoints of an earlier run: moved them to {aside}.")
             self.val_losses["before"] = self._validate()
+            if c.sample_every_n_steps:
+                self._generate_samples()  # the base's answers, to read beside the trained ones
         if c.compile:
             log.info("torch.compile is on: the first step compiles the model and is slow.")
 

@@ -12,16 +12,21 @@ no account and no GPU, yet exercise the same loading code as the real model:
   (``AutoTokenizer``), laid out like Llama 3's and cutting text into the same ids as the tiktoken file, with
   <|begin_of_text|> as bos, <|eot_id|> as eos and a chat template (``CHAT_TEMPLATE``) that renders Llama 3.2
   Instruct's chat format.
-- ``data/train.json`` and ``data/heldout.json``: alpaca-format instruction data (instruction, input, output)
-  written here from word lists, nothing taken from a public dataset.
-- ``data/chat_train.jsonl`` and ``data/chat_heldout.jsonl``: the same tasks as chats, one
-  ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line (OpenAI style): an optional system prompt, then
-  one to three user/assistant exchanges.
+- ``data/train.json`` and ``data/heldout.json``: the demo task in alpaca format (instruction, input, output):
+  the color of each of 30 things, asked in six wordings. For every thing one wording is held out, so each
+  held-out question asks a fact that training teaches in words training never pairs with that thing.
+  ``data/heldout_choices.jsonl`` holds the same held-out questions with four answer options, for
+  ``lora_tools.evaluate`` (``evals/tiny_qa``).
+- ``data/chat_train.jsonl`` and ``data/chat_heldout.jsonl``: five small tasks (colors, opposites, sums, counting,
+  reversing a list) as chats, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line (OpenAI
+  style): an optional system prompt, then one to three user/assistant exchanges.
 
 Why the model is shaped as it is: LoRA cannot move embeddings or norms, so with a random 128k-token base
-it barely moves the loss. A small vocabulary (1230 tokens, 256 of them special) built from the demo's own words,
-and weights drawn with std 0.02 (a first loss near ln(vocab size), not torchtune's inflated default init),
-let a few hundred LoRA steps visibly learn the task.
+it barely moves the loss. A small vocabulary (256 of its tokens special) built from the demo's own words keeps
+the first loss near ln(vocab size). The weights are drawn with std 1.28 / sqrt(width) (0.08): attention then
+already mixes tokens at step 0, so LoRA can learn to read the question. Measured on the demo task: with Hugging
+Face's std 0.02, and with 0.0625, LoRA learned one answer for every question; with 0.08 it answers all held-out
+questions. The price is a first loss about 19% above ln(vocab size).
 
 Run: ``python -m lora_tools.tiny_assets --out assets/tiny``.
 """
@@ -71,43 +76,44 @@ MODEL = dict(  # torchtune llama3_2 component-builder arguments; configs/tiny.ya
     rope_base=500_000,
     scale_factor=32,
 )
-INIT_STD = 0.02
-N_TRAIN, N_HELDOUT = 2000, 100
+INIT_GAIN = 1.28  # weights drawn with std 1.28 / sqrt(width): 0.08 for the tiny model; see the module docstring
 
 # --- the demo task -------------------------------------------------------------------------------------
 
-THINGS = [
-    "apple",
-    "banana",
-    "cherry",
-    "lemon",
-    "grape",
-    "plum",
-    "carrot",
-    "tomato",
-    "pepper",
-    "onion",
-    "ocean",
-    "forest",
-    "desert",
-    "meadow",
-    "glacier",
-    "volcano",
-    "river",
-    "cloud",
-    "sunset",
-    "harbor",
-    "violin",
-    "trumpet",
-    "lantern",
-    "kettle",
-    "pillow",
-    "blanket",
-    "ladder",
-    "bucket",
-    "candle",
-    "mirror",
-]
+# Things and their colors, as a person would answer (the demo's answers are meant to be checked by eye).
+THING_COLORS = {
+    "apple": "red",
+    "banana": "yellow",
+    "cherry": "red",
+    "lemon": "yellow",
+    "grape": "purple",
+    "plum": "purple",
+    "carrot": "orange",
+    "tomato": "red",
+    "pepper": "green",
+    "onion": "white",
+    "ocean": "blue",
+    "forest": "green",
+    "desert": "brown",
+    "meadow": "green",
+    "glacier": "white",
+    "volcano": "black",
+    "river": "blue",
+    "cloud": "white",
+    "sunset": "orange",
+    "sky": "blue",
+    "violin": "brown",
+    "coin": "silver",
+    "coal": "black",
+    "kettle": "silver",
+    "pillow": "white",
+    "chocolate": "brown",
+    "spoon": "silver",
+    "snow": "white",
+    "grass": "green",
+    "mirror": "silver",
+}
+THINGS = list(THING_COLORS)
 COLORS = ["red", "yellow", "green", "blue", "purple", "orange", "white", "black", "brown", "silver"]
 OPPOSITES = {
     "hot": "cold",
@@ -134,10 +140,11 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 
 def _color_of(thing: str) -> str:
-    return COLORS[sum(map(ord, thing)) % len(COLORS)]
+    return THING_COLORS[thing]
 
 
 def _example(rng: random.Random) -> dict:
+    """One request of the chat data's five tasks, as an alpaca row."""
     kind = rng.randrange(5)
     if kind == 0:
         thing = rng.choice(THINGS)
@@ -172,46 +179,41 @@ def _example(rng: random.Random) -> dict:
     }
 
 
+COLOR_QUESTIONS = [
+    "What color is the {}?",
+    "Tell me the color of the {}.",
+    "Which color does the {} have?",
+    "What is the color of the {}?",
+    "Name the color of the {}.",
+    "Do you know the color of the {}?",
+]
+TRAIN_ROUNDS = 64  # the 150 training questions, each once per round in a fresh order: 9600 rows, 600 steps of 16
+
+
 def build_dataset(seed: int = SEED) -> tuple[list[dict], list[dict]]:
-    """Train and held-out splits; held-out prompts never appear verbatim in train."""
+    """The demo's train and held-out splits: one wording per thing held out, the other five for training.
+
+    The train file repeats its questions in shuffled rounds, so the demo's single epoch is its whole run and
+    ``max_steps_per_epoch`` alone sets the length, as for a real dataset."""
     rng = random.Random(seed)
-    train = [_example(rng) for _ in range(N_TRAIN)]
-    seen = {(e["instruction"], e["input"]) for e in train}
-    heldout = []
-    while len(heldout) < N_HELDOUT:
-        e = _example(rng)
-        if (e["instruction"], e["input"]) not in seen:
-            heldout.append(e)
-            seen.add((e["instruction"], e["input"]))
+    questions, heldout = [], []
+    for thing in THINGS:
+        held = rng.randrange(len(COLOR_QUESTIONS))
+        for i, wording in enumerate(COLOR_QUESTIONS):
+            e = {"instruction": wording.format(thing), "input": "", "output": f"The {thing} is {_color_of(thing)}."}
+            (heldout if i == held else questions).append(e)
+    train = [e for _ in range(TRAIN_ROUNDS) for e in rng.sample(questions, len(questions))]
     return train, heldout
 
 
 # Held-out questions with answer options, for lora_tools.evaluate (evals/tiny_qa): each question's right answer
-# and three wrong ones that differ from it only where the answer is (another color, number, word or order).
+# and three wrong ones that differ from it only in the color.
 CHOICES_SEED = SEED + 2  # its own stream: the files above keep their bytes
 
 
 def _wrong_answers(example: dict, rng: random.Random) -> list[str]:
-    right, instruction = example["output"], example["instruction"]
-    if "color" in instruction:
-        thing, color = right.removeprefix("The ").removesuffix(".").split(" is ")
-        return [f"The {thing} is {c}." for c in rng.sample([c for c in COLORS if c != color], 3)]
-    if "opposite" in instruction:
-        word, opposite = example["input"], OPPOSITES[example["input"]]
-        others = [o for o in sorted(set(OPPOSITES.values())) if o != opposite]
-        return [f"The opposite of {word} is {o}." for o in rng.sample(others, 3)]
-    if "reverse" in instruction:
-        items, wrong = example["input"].split(", "), set()
-        while len(wrong) < 3:
-            order = rng.sample(items, len(items))
-            if order != items[::-1]:
-                wrong.add(", ".join(order) + ".")
-        return sorted(wrong)
-    if "Add" in instruction:
-        head, total = right.removesuffix(".").rsplit(" is ", 1)
-        return [f"{head} is {n}." for n in rng.sample([n for n in NUMBER_WORDS if n != total], 3)]
-    count = right.split()[2]
-    return [f"There are {n} animals." for n in rng.sample([n for n in NUMBER_WORDS[2:7] if n != count], 3)]
+    thing, color = example["output"].removeprefix("The ").removesuffix(".").split(" is ")
+    return [f"The {thing} is {c}." for c in rng.sample([c for c in COLORS if c != color], 3)]
 
 
 def build_choice_questions(heldout: list[dict], seed: int = CHOICES_SEED) -> list[dict]:
@@ -228,10 +230,10 @@ def build_choice_questions(heldout: list[dict], seed: int = CHOICES_SEED) -> lis
     return out
 
 
-# Multi-turn chat data: the same tasks as OpenAI-style messages. System prompts use words the vocabulary
-# already has, so they cost a handful of tokens each; they ask for nothing the answers do not already do.
+# Multi-turn chat data: five small tasks (_example) as OpenAI-style messages. System prompts use words the
+# vocabulary already has, so they cost a handful of tokens each; they ask for nothing the answers do not already do.
 N_CHAT_TRAIN, N_CHAT_HELDOUT = 1000, 100
-CHAT_SEED = SEED + 1  # a stream of its own, so the alpaca data above keeps its bytes
+CHAT_SEED = SEED + 1  # a stream of its own
 SYSTEM_PROMPTS = [
     "Write a response that appropriately completes the request.",
     "Give a short answer.",
@@ -472,19 +474,20 @@ def write_hf_tokenizer(out: Path, ranks: dict[bytes, int], specials: dict[str, i
 def build_model_state(
     vocab_size: int, shape: dict = MODEL, seed: int = SEED, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Random Llama-3.2-shaped weights in torchtune's key format, initialised like Hugging Face."""
+    """Random Llama-3.2-shaped weights in torchtune's key format: normal(0, INIT_GAIN / sqrt(width)), norms at 1."""
     from torchtune.models.llama3_2 import llama3_2
     from torchtune.training import set_default_dtype
 
     torch.manual_seed(seed)
     with set_default_dtype(dtype), torch.device(device):
         model = llama3_2(vocab_size=vocab_size, tie_word_embeddings=True, **shape)
+    std = INIT_GAIN * shape["embed_dim"] ** -0.5
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:  # RMSNorm scales
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, INIT_STD)
+                p.normal_(0.0, std)
     return {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
 
 
@@ -546,7 +549,9 @@ def write_model(
 def build(out: Path) -> dict:
     """Write every asset under ``out``; returns a small summary. Deterministic: same bytes every run."""
     train, heldout = build_dataset()
-    texts = [_TEMPLATE_TEXT] + [v for e in train + heldout for v in e.values()]
+    chat_train, chat_heldout = build_chat_dataset()
+    texts = [_TEMPLATE_TEXT, *SYSTEM_PROMPTS] + [v for e in train + heldout for v in e.values()]
+    texts += [m["content"] for c in chat_train + chat_heldout for m in c["messages"]]
     ranks = build_bpe_ranks(texts)
     specials = special_tokens(len(ranks))
     vocab_size = len(ranks) + len(specials)
@@ -567,7 +572,6 @@ def build(out: Path) -> dict:
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")
     choices = build_choice_questions(heldout)
     (out / "data" / "heldout_choices.jsonl").write_text("".join(json.dumps(q) + "\n" for q in choices))
-    chat_train, chat_heldout = build_chat_dataset()
     for name, chats in (("chat_train.jsonl", chat_train), ("chat_heldout.jsonl", chat_heldout)):
         (out / "data" / name).write_text("".join(json.dumps(c) + "\n" for c in chats))
     return {

@@ -161,6 +161,9 @@ def pointer(out: Path) -> str | None:
 
 # What `make demo` adds to configs/tiny.yaml (the Makefile passes the same; test_configs checks it).
 DEMO_EVAL = "eval_tasks=[tiny_qa,tiny_qa_gen]"
+_DEMO = OmegaConf.load(TINY_CONFIG)
+DEMO_STEPS, DEMO_VAL_EVERY = _DEMO.max_steps_per_epoch, _DEMO.run_val_every_n_steps  # the demo is one epoch
+DEMO_STEP_DIR = f"step_{DEMO_STEPS:07d}"
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,16 @@ import subprocess
 import time
 
 import pytest
-from conftest import DEMO_EVAL, HF_PYTHON, REPO, logged_metrics, tune_run
+from conftest import DEMO_EVAL, DEMO_STEP_DIR, DEMO_STEPS, HF_PYTHON, REPO, TINY, logged_metrics, tune_run
 from huggingface_hub import ModelCard
+from omegaconf import OmegaConf
 from PIL import Image
 from wandb_records import run_id, summary
 
 from lora_tools import evaluate, harness
 from lora_tools.checkpoints import latest_checkpoint
 
-STEP = "step_0000120"
+STEP = DEMO_STEP_DIR
 
 
 def _eval_json(checkpoint):
@@ -45,6 +46,21 @@ def test_demo_prints_scores_and_writes_plot_and_card(demo):
     for r in report["rows"]:
         line = next(x for x in result.stdout.splitlines() if x.startswith(r["task"] + " "))
         assert f"{r['base']:.4f}" in line and f"{r['finetuned']:.4f}" in line, line
+    # what the demo teaches shows in its scores: free answers to held-out questions exactly right after, not
+    # before; the right option above the base's pick by more than 3 standard errors of the difference
+    em, mc = rows["tiny_qa_gen", "exact_match"], rows["tiny_qa", "acc"]
+    assert em["base"] <= 0.10 and em["finetuned"] >= 0.80, em
+    assert mc["difference"] > 3 * math.hypot(mc["stderr_base"], mc["stderr_finetuned"]), mc
+    # the sample prompts are held-out wordings, and the last samples printed answer them right
+    train = {e["instruction"] for e in json.loads((TINY / "data/train.json").read_text())}
+    heldout = {e["instruction"]: e["output"] for e in json.loads((TINY / "data/heldout.json").read_text())}
+    prompts = list(OmegaConf.load(REPO / "configs" / "tiny.yaml").sample_prompts)
+    assert prompts and all(p in heldout and p not in train for p in prompts), prompts
+    log = result.stdout + result.stderr
+    for prompt in prompts:
+        assert f"sample at step {DEMO_STEPS} | {prompt!r} -> {heldout[prompt]!r}" in log, prompt
+    shown = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("sample at step")]
+    assert len(shown) == len(prompts) and all(line in log for line in shown), shown
     # the README shows these lines as the demo prints them
     readme = (REPO / "README.md").read_text()
     for task in ("tiny_qa ", "tiny_qa_gen "):
@@ -54,7 +70,7 @@ def test_demo_prints_scores_and_writes_plot_and_card(demo):
     base, finetuned = report["base"], report["finetuned"]
     assert base["config"] == finetuned["config"] and base["n-shot"] == finetuned["n-shot"]
     assert base["n-samples"] == finetuned["n-samples"]
-    assert base["n-samples"]["tiny_qa"]["effective"] == 100
+    assert base["n-samples"]["tiny_qa"]["effective"] == len(heldout)
     assert report["settings"]["prompt_format"] == "llama3+alpaca" and report["settings"]["tasks"] == [
         "tiny_qa",
         "tiny_qa_gen",
@@ -75,7 +91,7 @@ def test_demo_prints_scores_and_writes_plot_and_card(demo):
     loss_rows = _table(text, "Held-out loss")
     assert loss_rows == [
         ["before", f"{val[0]:.4f}", f"{math.exp(val[0]):.2f}"],
-        ["after", f"{val[120]:.4f}", f"{math.exp(val[120]):.2f}"],
+        ["after", f"{val[DEMO_STEPS]:.4f}", f"{math.exp(val[DEMO_STEPS]):.2f}"],
     ]
     eval_rows = _table(text, "Evaluation")
     assert [row[:2] for row in eval_rows] == [[r["task"], r["metric"]] for r in report["rows"]]

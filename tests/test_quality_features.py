@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, hf_logits, logged_metrics, offline_env, recipe_logits, tiny_cfg, tune
+from conftest import REPO, TINY_CONFIG, hf_logits, logged_metrics, offline_env, recipe_logits, tiny_cfg, tune
+from omegaconf import OmegaConf
 from torchao.dtypes.nf4tensor import NF4Tensor
 
 from lora_finetune_single_device import LoRAFinetuneRecipe
@@ -31,10 +32,10 @@ def test_validation_and_samples_at_the_configured_steps(tmp_path):
         abs(steps[s]["val_perplexity"] - torch.tensor(steps[s]["val_loss"]).exp().item()) < 1e-2 for s in (0, 20)
     )
     sampled = re.findall(r"sample at step (\d+) \| '([^']*)' ->", result.stdout + result.stderr)
-    assert sorted({int(step) for step, _ in sampled}) == [10, 20]
-    assert {prompt for _, prompt in sampled} == {"What color is the lemon?", "Tell me the color of the ocean."}
+    assert sorted({int(step) for step, _ in sampled}) == [0, 10, 20]  # the base's answers first
+    assert {prompt for _, prompt in sampled} == set(OmegaConf.load(TINY_CONFIG).sample_prompts)
     table = result.stdout[result.stdout.index("perplexity") :]
-    assert re.search(r"before\s+7\.\d+\s+\d+\.\d+", table) and re.search(r"after\s+\d\.\d+\s+\d+\.\d+", table)
+    assert re.search(r"before\s+\d+\.\d+\s+\d+\.\d+", table) and re.search(r"after\s+\d\.\d+\s+\d+\.\d+", table)
 
 
 def test_early_stopping_after_patience_runs_out(tmp_path):

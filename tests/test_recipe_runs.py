@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import TINY, ln_vocab, logged_metrics, tiny_vocab_size, tune
+from conftest import DEMO_STEP_DIR, DEMO_STEPS, DEMO_VAL_EVERY, TINY, ln_vocab, logged_metrics, tiny_vocab_size, tune
 
 from lora_tools.checkpoints import STATE_KEYS, load_recipe_state
 
@@ -19,19 +19,19 @@ def test_tiny_demo_teaches_the_task(demo):
 
     steps = logged_metrics(out)
     losses = [steps[s]["loss"] for s in sorted(steps) if "loss" in steps[s]]
-    assert len(losses) == 120
+    assert len(losses) == DEMO_STEPS
     assert abs(losses[0] - ln_vocab()) / ln_vocab() <= 0.20, (losses[0], ln_vocab())
     assert sum(losses[-10:]) / 10 < 0.6 * losses[0]
     for key in ("lr", "tokens_per_second", "grad_norm", "peak_memory_rss"):
-        assert all(key in steps[s] for s in range(1, 121)), key
-    assert all(steps[s]["tokens_per_second"] > 0 for s in range(1, 121))
+        assert all(key in steps[s] for s in range(1, DEMO_STEPS + 1)), key
+    assert all(steps[s]["tokens_per_second"] > 0 for s in range(1, DEMO_STEPS + 1))
 
     val = {s: steps[s]["val_loss"] for s in sorted(steps) if "val_loss" in steps[s]}
-    assert sorted(val) == [0, 40, 80, 120] and val[120] <= 0.7 * val[0], val
+    assert sorted(val) == list(range(0, DEMO_STEPS + 1, DEMO_VAL_EVERY)) and val[DEMO_STEPS] <= 0.7 * val[0], val
     assert "held-out loss:" in _summary_value(result.stdout, "held-out loss:")
     assert f"ln(vocab size {tiny_vocab_size()})" in result.stdout
 
-    ckpt = out / "checkpoints" / "step_0000120"
+    ckpt = out / "checkpoints" / DEMO_STEP_DIR
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model/model.safetensors"):
         assert (ckpt / name).is_file(), name
     assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name

@@ -213,7 +213,7 @@ def test_overrides_follow_torchtune_syntax():
     )
     assert cfg.model.lora_rank == 4 and cfg.seed is None and "sample_prompts" not in cfg
     assert cfg.loss._component_ == "x.Loss" and list(cfg.a.b) == [1, 2]
-    assert cfg.optimizer.lr == 3e-3 and isinstance(cfg.optimizer.lr, float)  # 3e-3 is a float, as in OmegaConf
+    assert cfg.optimizer.lr == 5e-3 and isinstance(cfg.optimizer.lr, float)  # 5e-3 is a float, as in OmegaConf
     assert cfg.checkpointer.output_dir == "outputs/tiny"  # interpolations resolve against the merged config
     assert load_config(["--config", TINY, "val_dataset=null"]).val_dataset is None
     assert load_config(["--config", TINY, "checkpointer.max_filename=0001"]).checkpointer.max_filename == "0001"
