@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh Linux machine with Python 3.11:
-#   make demo   # venv + pinned install + tiny assets + a LoRA finetune on the CPU and its scores (about 1.5 minutes)
+#   make demo   # venv + pinned install + tiny assets + a LoRA finetune on the CPU and its scores (about 2.5 minutes)
 #   make test   # the same environment + test tools, then the test suite
 #   make unit   # only the fast in-process tests (tests/unit), without the .venv-hf environment
 #   make demo-chat  # the demo on generated conversations, rendered with the tiny model's chat template

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TORCHAO_NOTICE, offline_env, tune
+from conftest import REPO, TORCHAO_NOTICE, offline_env, tiny_vocab_size, tune
 
 MAX_SECONDS = 15
 WANDB_LOGGER = "metric_logger._component_=torchtune.training.metric_logging.WandBLogger"
@@ -505,7 +505,7 @@ CASES = [
     # --- shapes: decided before any weights are read -----------------------------------------------------------
     Case(
         "builder-does-not-match-checkpoint",  # the 3B builder on the tiny checkpoint: meta-device build, 1 line
-        ("lora_llama3_2_3b does not match the checkpoint", "vocab_size 128256 (checkpoint: 1230)"),
+        ("lora_llama3_2_3b does not match the checkpoint", f"vocab_size 128256 (checkpoint: {tiny_vocab_size()})"),
         SHIPPED_3B_ON_TINY,
         config="lora_finetune_single_device.yaml",
     ),

@@ -10,6 +10,7 @@ import pytest
 from conftest import (
     REPO,
     TINY,
+    TINY_CONFIG,
     final_adapter,
     hf_logits,
     latest_checkpoint,
@@ -20,6 +21,7 @@ from conftest import (
     tune_run,
     wait_for,
 )
+from omegaconf import OmegaConf
 from wandb_records import history, run_id
 
 # A short run: 160 samples, batch 8, accumulation 2 -> 10 optimizer steps per epoch, 2 epochs.
@@ -189,4 +191,4 @@ def test_resume_with_a_different_batch_size_is_refused_in_one_line(tmp_path):
     assert resumed.returncode == 2, resumed.stderr_text[-3000:]
     assert "Traceback" not in resumed.stdout_text + resumed.stderr_text
     assert "error: batch_size is 4 but the checkpoint" in resumed.stderr_text
-    assert "batch_size=8" in resumed.stderr_text
+    assert f"batch_size={OmegaConf.load(TINY_CONFIG).batch_size}" in resumed.stderr_text
