@@ -22,11 +22,11 @@ no account and no GPU, yet exercise the same loading code as the real model:
   style): an optional system prompt, then one to three user/assistant exchanges.
 
 Why the model is shaped as it is: LoRA cannot move embeddings or norms, so with a random 128k-token base
-it barely moves the loss. A small vocabulary (256 of its tokens special) built from the demo's own words keeps
-the first loss near ln(vocab size). The weights are drawn with std 1.28 / sqrt(width) (0.08): attention then
-already mixes tokens at step 0, so LoRA can learn to read the question. Measured on the demo task: with Hugging
-Face's std 0.02, and with 0.0625, LoRA learned one answer for every question; with 0.08 it answers all held-out
-questions. The price is a first loss about 19% above ln(vocab size).
+it barely moves the loss. A small vocabulary (256 of its tokens special) is built from the demo's own words. The
+weights are drawn with std 1.28 / sqrt(width) (0.08): attention then already mixes tokens at step 0, so LoRA can
+learn to read the question. Measured on the demo task: with Hugging Face's std 0.02, and with 0.0625, LoRA
+learned one answer for every question; with 0.08 it answers all held-out questions. The price is a first loss
+about 17% above ln(vocab size), the loss of a uniform guess.
 
 Run: ``python -m lora_tools.tiny_assets --out assets/tiny``.
 """
@@ -208,7 +208,7 @@ def build_dataset(seed: int = SEED) -> tuple[list[dict], list[dict]]:
 
 # Held-out questions with answer options, for lora_tools.evaluate (evals/tiny_qa): each question's right answer
 # and three wrong ones that differ from it only in the color.
-CHOICES_SEED = SEED + 2  # its own stream: the files above keep their bytes
+CHOICES_SEED = SEED + 2  # a stream of its own
 
 
 def _wrong_answers(example: dict, rng: random.Random) -> list[str]:
@@ -224,9 +224,8 @@ def build_choice_questions(heldout: list[dict], seed: int = CHOICES_SEED) -> lis
     for e in heldout:
         choices = [e["output"], *_wrong_answers(e, rng)]
         rng.shuffle(choices)
-        question = e["instruction"] + (f"\n{e['input']}" if e["input"] else "")
         answer = choices.index(e["output"])
-        out.append({"question": question, "choices": choices, "answer": answer, "output": e["output"]})
+        out.append({"question": _user_text(e), "choices": choices, "answer": answer, "output": e["output"]})
     return out
 
 
