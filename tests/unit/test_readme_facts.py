@@ -62,3 +62,26 @@ def test_readme_states_the_measured_gguf_export_times():
         f"the 3B export takes about {s3['f16']} s, {s3['q8_0']} s and {s3['q4_k_m']} s there"
     )
     assert stated in readme, stated
+
+
+def test_readme_describes_the_tiny_assets_as_built():
+    """The tiny-asset table: BPE size, weight scale, and the demo data's counts, recomputed from the files."""
+    import json
+
+    from lora_tools.tiny_assets import INIT_GAIN, MODEL
+
+    tiny = REPO / "assets" / "tiny"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    bpe = len((tiny / "original" / "tokenizer.model").read_text().splitlines())
+    assert f"a {bpe}-token byte-level BPE" in readme
+    assert f"std 1.28 / sqrt(width) = {INIT_GAIN * MODEL['embed_dim'] ** -0.5:.2f}" in readme
+    train = json.loads((tiny / "data" / "train.json").read_text())
+    heldout = json.loads((tiny / "data" / "heldout.json").read_text())
+    questions = {e["instruction"] for e in train}
+    things = {e["output"].split()[1] for e in train}
+    rounds = len(train) // len(questions)
+    assert len(train) == rounds * len(questions) and all(train.count(e) == rounds for e in train[: len(questions)])
+    wordings = len(questions) // len(things)
+    stated = f"{len(questions)} questions ({len(things)} things, {wordings} wordings each) in {rounds} shuffled rounds"
+    assert f"{stated} ({len(train):,} rows), and the {len(heldout)} held-out ones" in readme
+    assert not questions & {e["instruction"] for e in heldout}
