@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-from torchtune import config, modules, training, utils
+from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params, validate_missing_and_unexpected_for_lora
 from torchtune.recipe_interfaces import FTRecipeInterface
 
@@ -37,6 +37,7 @@ from lora_tools import (
     checkpoints,
     harness,
     hf_export,
+    memory,
     model_card,
     model_checks,
     plots,
@@ -47,7 +48,7 @@ from lora_tools import (
 )
 from lora_tools.adapter_init import initial_adapter_weights
 from lora_tools.batching import EvalShard, build_dataset, collate_for
-from lora_tools.decoder import Trunk
+from lora_tools.decoder import Trunk, loss_sum
 from lora_tools.errors import UserError
 from lora_tools.inference import PromptFormat, greedy, last_position_logits
 from lora_tools.launch import recipe_main
@@ -206,8 +207,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
 
         if c.compile:
             training.compile_model(model)
-        if c.enable_activation_checkpointing:
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        if c.enable_activation_checkpointing:  # all layers, or activation_checkpointing_layers of them
+            memory.checkpoint_layers(model, c.activation_checkpointing_layers)
         # The output layer (a 128k-wide matmul, most of a step's cost at small scale) runs only on the positions
         # that carry a label: the trunk stops at the final norm, and _forward_backward applies the head.
         self._trunk, self._head = Trunk(model), model.output
@@ -399,28 +400,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         return loss_sum, n_tokens
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of the per-token losses of one batch, and how many tokens it trains on.
-
-        Labels arrive already shifted (see lora_tools.batching), so position i's label is token i+1. The output
-        layer runs on the labelled positions only: prompts and padding cost nothing more.
-        """
-        labels = batch.pop("labels")
-        with self._activations_ctx:
-            hidden = self._trunk(**batch)  # [b, s, d], after the final norm
-        trained = labels != self._loss_fn.ignore_index
-        hidden, labels = hidden[trained], labels[trained]  # [n, d], [n]
-        n_tokens = torch.tensor(labels.numel(), device=hidden.device)
-        if labels.numel() == 0:
-            # Nothing to learn from. The head still runs (on no rows) so that an untied head's LoRA gets a zero
-            # gradient rather than none: sharded, every process must reduce the same gradients.
-            return self._head(hidden).sum() * 0.0, n_tokens
-        chunks = getattr(self._loss_fn, "num_output_chunks", 0)
-        if chunks:  # chunked cross-entropy: logits of one chunk at a time, upcast to fp32 inside the loss
-            logits = [self._head(h) for h in hidden.unsqueeze(0).chunk(chunks, dim=1)]
-            loss = self._loss_fn(logits, labels.unsqueeze(0))
-        else:
-            loss = self._loss_fn(self._head(hidden).float(), labels)
-        return loss * labels.numel(), n_tokens
+        """Sum of the per-token losses of one batch (output layer on labelled positions only), and its token
+        count: see lora_tools.decoder.loss_sum, which the memory plan traces too."""
+        return loss_sum(self._trunk, self._head, self._loss_fn, batch, self._activations_ctx)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -35,3 +35,30 @@ class Trunk(nn.Module):
         for layer in self.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
         return self.norm(h)
+
+
+def loss_sum(trunk, head, loss_fn, batch: dict[str, torch.Tensor], activations_ctx) -> tuple[torch.Tensor, ...]:
+    """Sum of the per-token losses of one batch, and how many tokens it trains on.
+
+    Labels arrive already shifted (see lora_tools.batching), so position i's label is token i+1. The output
+    layer runs on the labelled positions only: prompts and padding cost nothing more. ``activations_ctx``
+    wraps the trunk (activation offloading, or nothing). lora_tools.memory traces this same function.
+    """
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    with activations_ctx:
+        hidden = trunk(**batch)  # [b, s, d], after the final norm
+    trained = labels != loss_fn.ignore_index
+    hidden, labels = hidden[trained], labels[trained]  # [n, d], [n]
+    n_tokens = torch.tensor(labels.numel(), device=hidden.device)
+    if labels.numel() == 0:
+        # Nothing to learn from. The head still runs (on no rows) so that an untied head's LoRA gets a zero
+        # gradient rather than none: sharded, every process must reduce the same gradients.
+        return head(hidden).sum() * 0.0, n_tokens
+    chunks = getattr(loss_fn, "num_output_chunks", 0)
+    if chunks:  # chunked cross-entropy: logits of one chunk at a time, upcast to fp32 inside the loss
+        logits = [head(h) for h in hidden.unsqueeze(0).chunk(chunks, dim=1)]
+        loss = loss_fn(logits, labels.unsqueeze(0))
+    else:
+        loss = loss_fn(head(hidden).float(), labels)
+    return loss * labels.numel(), n_tokens

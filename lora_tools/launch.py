@@ -207,7 +207,11 @@ def recipe_main(main: Callable[..., None]) -> Callable[[], int]:
             load_env()
             argv = sys.argv[1:]
             cfg = load_config(argv, description=main.__doc__ or "")
-            checked = settings.parse(cfg, parse_args(argv)[0])
+            config_file = parse_args(argv)[0]
+            checked = settings.parse(cfg, config_file)
+            if checked.memory_budget:  # first: it needs neither the GPU nor the weights, and may change the config
+                cfg = apply_overrides(cfg, preflight.plan_memory(checked), config_file)
+                checked = settings.parse(cfg, config_file)
             preflight.run_all(cfg)  # before any weights are read or anything is written
             # torchtune's modules set its shared logger to DEBUG when imported; until the recipe prints the config
             # (torchtune's log_config sets DEBUG again), INFO, so a mistake found while reading the data is the

@@ -259,3 +259,19 @@ def check_output_dir(cfg: DictConfig) -> None:
             f"not enough disk for output_dir {out}: checkpoints need about {needed / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free; free space, choose another output_dir, or set save_adapter_weights_only=True"
         )
+
+
+def plan_memory(checked) -> list[str]:
+    """With ``memory_budget``: the overrides of the fastest memory settings that fit it, after printing one line
+    (the choice, its predicted peak, the budget). Raises UserError naming the smallest setting when none fits."""
+    from lora_tools import plan
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("memory_budget plans one GPU holding the whole model; with torchrun pass memory_budget=null")
+    budget = plan.budget_for(checked.memory_budget, checked.device)
+    result = plan.make(checked, budget)
+    line = plan.choice_line(result)
+    if result.choice is None:
+        raise UserError(line)
+    print(line, flush=True)
+    return result.choice.setting.overrides(result.num_layers)

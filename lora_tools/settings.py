@@ -41,6 +41,22 @@ POSITIVE = (lambda v: v > 0, "greater than 0")
 SEED_RANGE = (lambda v: 0 <= v < 2**32, "from 0 to 4294967295")  # torchtune's range
 DTYPES = (lambda v: v in ("bf16", "fp32"), "bf16 or fp32")
 
+SIZE_UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes of a size like 24GiB, 16GB, 8000MiB or 1.5GiB (case and a space do not matter); None if not one."""
+    t = str(text).strip().lower().replace(" ", "")
+    for unit, scale in SIZE_UNITS.items():
+        if t.endswith(unit):
+            try:
+                value = float(t[: -len(unit)])
+            except ValueError:
+                return None
+            return int(value * scale) if value > 0 else None
+    return None
+
+
 Component = DictConfig  # a section with _component_: the dotted path of a class or function, and its arguments
 
 
@@ -82,6 +98,16 @@ class RecipeSettings:
     compile: bool = setting("torch.compile the model and loss (the first step is slow)", False)
     enable_activation_checkpointing: bool = setting("recompute activations in backward to save memory", False)
     enable_activation_offloading: bool = setting("move activations to CPU memory in forward (CUDA only)", False)
+    activation_checkpointing_layers: int | None = setting(
+        "with enable_activation_checkpointing: checkpoint this many layers, spread evenly; null: all",
+        None,
+        rule=POSITIVE,
+    )
+    memory_budget: str | None = setting(
+        "auto (free GPU memory) or a size like 24GiB: use the fastest settings that fit; null: as written",
+        None,
+        rule=(lambda v: v == "auto" or parse_size(v) is not None, "auto or a size like 24GiB, 16GB or 8000MiB"),
+    )
     seed: int | None = setting("seed for the adapter's init and the data order; null: random", None, rule=SEED_RANGE)
     shuffle: bool = setting("shuffle the training data each epoch", True)
     resume_from_checkpoint: bool = setting("continue from the newest checkpoint in output_dir", False)

@@ -1,0 +1,408 @@
+"""Peak GPU memory of one training step, found without a GPU and without reading any weights.
+
+The model is built from the config with no storage (the meta device, then fake tensors: shapes, dtypes and
+sizes, no data), set up as the recipe sets it up (compile, activation checkpointing of some or all layers,
+offloading), and two optimizer steps of the recipe's own loss (``lora_tools.decoder.loss_sum``) run on it while
+a dispatch mode adds up the bytes of every tensor storage alive. Compiled layers and loss are traced by
+Dynamo with the partitioner inductor uses (backend ``aot_eager_decomp_partition``), so the activations kept for
+backward are the ones the compiled step keeps, not the eager ones. Offloading is replayed with the rule of
+torchtune's ``OffloadActivations``: a saved tensor of 1 KiB or more that is not a parameter leaves the GPU in
+forward and comes back for backward.
+
+What a trace cannot see, added as ``allocator overhead``: the CUDA caching allocator's reserved-but-unused
+blocks and the CUDA context (see OVERHEAD_FRACTION).
+"""
+
+import contextlib
+import math
+import os
+import time
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torchtune import config, training
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from lora_tools.decoder import Trunk, loss_sum
+
+GIB = 2**30
+# Reserved minus allocated on the H200 runs in bench/results was 0.7-2.6 GiB (4-18% of the peak);
+# the CUDA context takes about 0.5 GiB more. tests/unit/test_memory_plan.py checks these cover every run.
+OVERHEAD_FRACTION, OVERHEAD_FIXED = 0.15, 1 * GIB
+# The compile backend that partitions forward and backward as inductor does, but runs the graphs op by op.
+TRACE_BACKEND = "aot_eager_decomp_partition"
+# torchao's NF4: 4 bits a value, an int8 scale per block of 64, an fp32 scale per 256 of those.
+NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / (64 * 256)
+OFFLOAD_MIN_BYTES = 1024  # torchtune's OffloadActivations leaves smaller tensors on the GPU
+
+PARTS = ("base weights", "adapters + optimizer state", "activations", "output layer + loss")
+
+
+def checkpoint_layers(model: nn.Module, count: int | None) -> list[int]:
+    """Activation checkpointing on ``count`` of the model's transformer layers (all when None), spread evenly.
+
+    Which layers recompute does not change the memory saved, only how much; spreading them keeps the saved
+    activations even along the model. Returns the indices of the checkpointed layers.
+    """
+    layers = list(model.layers)
+    count = len(layers) if count is None else min(count, len(layers))
+    chosen = {round(i * len(layers) / count) for i in range(count)} if count else set()
+    wrapped = {id(layers[i]) for i in chosen}
+    if wrapped:
+        # A callable policy is asked with recurse=True whether to look inside a module, then whether to wrap it.
+        policy = lambda module, recurse, **_: recurse or id(module) in wrapped  # noqa: E731
+        training.set_activation_checkpointing(model, auto_wrap_policy=policy)
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The memory-relevant choices of one candidate run."""
+
+    batch_size: int
+    gradient_accumulation_steps: int
+    checkpointed_layers: int  # 0 .. number of layers
+    offload: bool
+    compile: bool
+
+    def overrides(self, num_layers: int) -> list[str]:
+        """The config keys (key=value) that select this setting."""
+        ac = self.checkpointed_layers > 0
+        keys = [
+            f"batch_size={self.batch_size}",
+            f"gradient_accumulation_steps={self.gradient_accumulation_steps}",
+            f"enable_activation_checkpointing={ac}",
+        ]
+        if ac:
+            count = "null" if self.checkpointed_layers == num_layers else self.checkpointed_layers
+            keys.append(f"activation_checkpointing_layers={count}")
+        keys.append(f"enable_activation_offloading={self.offload}")
+        return keys
+
+    def describe(self, num_layers: int) -> str:
+        k = self.checkpointed_layers
+        ac = f"checkpointing {k} of {num_layers} layers" if k else "no checkpointing"
+        offload = ", offloading" if self.offload else ""
+        return f"batch {self.batch_size} x {self.gradient_accumulation_steps}, {ac}{offload}"
+
+
+@dataclass
+class Estimate:
+    """Predicted memory of one setting: bytes by part at the moment of the peak."""
+
+    setting: Setting
+    parts: dict[str, int]
+    seconds: float = 0.0
+
+    @property
+    def peak(self) -> int:
+        """What ``torch.cuda.max_memory_allocated`` should report."""
+        return sum(self.parts.values())
+
+    @property
+    def overhead(self) -> int:
+        return int(self.peak * OVERHEAD_FRACTION) + OVERHEAD_FIXED
+
+    @property
+    def total(self) -> int:
+        """What the GPU must have: the peak plus the allocator's and the CUDA context's overhead."""
+        return self.peak + self.overhead
+
+
+class LiveBytes(TorchDispatchMode):
+    """Adds up the bytes of every tensor storage alive, by part, and remembers the largest total.
+
+    A storage is counted when an op first returns it and dropped when Python frees it (fake storages are
+    freed like real ones). ``ignore_compile_internals`` lets Dynamo compile while this mode is active; the
+    compiled graphs then run under it, op by op.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._bytes: dict[int, tuple[int, str]] = {}  # storage id -> (bytes, part)
+        self.by_part: Counter[str] = Counter()
+        self.live = self.peak = 0
+        self.peak_parts: dict[str, int] = {}
+        self.part = "activations"
+        self.paused = False
+        self.nonzero = 0  # what aten.nonzero returns this many rows of (the trained positions of a batch)
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def count(self, tensor: torch.Tensor, part: str | None = None, size: int | None = None) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._bytes or self.paused:
+            return
+        size, part = storage.nbytes() if size is None else size, part or self.part
+        self._bytes[key] = (size, part)
+        self.by_part[part] += size
+        self.live += size
+        if self.live > self.peak:
+            self.peak, self.peak_parts = self.live, dict(self.by_part)
+        weakref.finalize(storage, self._drop, key)
+
+    def move(self, tensor: torch.Tensor, part: str) -> None:
+        """Count an existing storage under another part (a gradient once it is accumulated)."""
+        key = id(tensor.untyped_storage())
+        if key in self._bytes:
+            size, old = self._bytes[key]
+            self._bytes[key] = (size, part)
+            self.by_part[old] -= size
+            self.by_part[part] += size
+
+    def _drop(self, key: int) -> None:
+        size, part = self._bytes.pop(key, (0, ""))
+        self.by_part[part] -= size
+        self.live -= size
+
+    @contextlib.contextmanager
+    def counting_as(self, part: str) -> Iterator[None]:
+        before, self.part = self.part, part
+        try:
+            yield
+        finally:
+            self.part = before
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.nonzero.default:  # how many positions train is data: the planner says
+            return torch.zeros(self.nonzero, args[0].dim(), dtype=torch.long, device=args[0].device)
+        if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            rows = torch.zeros(self.nonzero, dtype=torch.long, device=args[0].device)
+            indices = [(rows,) * i.dim() if i is not None and i.dtype == torch.bool else (i,) for i in args[1]]
+            args = (args[0], [j for i in indices for j in i], *args[2:])
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.count(t)
+        return out
+
+
+class ReplayOffloading(torch.autograd.graph.saved_tensors_hooks):
+    """torchtune's activation offloading, as memory sees it: a saved activation (1 KiB or more, not a
+    parameter or buffer) is copied off the GPU in forward, so only other references keep its GPU storage; it is
+    copied back when backward needs it."""
+
+    def __init__(self, live: LiveBytes):
+        def pack(t: torch.Tensor):
+            if t.nbytes < OFFLOAD_MIN_BYTES or isinstance(t, nn.Parameter | nn.Buffer):
+                return t
+            live.paused = True  # the host copy is not GPU memory
+            try:
+                host = torch.empty_like(t)
+            finally:
+                live.paused = False
+            return (host,)
+
+        def unpack(packed):
+            return packed[0].clone() if isinstance(packed, tuple) else packed
+
+        super().__init__(pack, unpack)
+
+
+def is_qlora(model_cfg) -> bool:
+    return bool(model_cfg.get("quantize_base", False)) or ".qlora_" in str(model_cfg._component_)
+
+
+def fake_model(model_cfg, dtype: torch.dtype, fake: FakeTensorMode) -> nn.Module:
+    """The configured model with fake weights: built on meta, given fake CPU storage; LoRA params train.
+
+    A QLoRA model is built unquantized (torchao's NF4 tensors do not run on fake tensors); ``estimate`` counts
+    its layers' linear weights at NF4's size.
+    """
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        model = config.instantiate(model_cfg, **({"quantize_base": False} if is_qlora(model_cfg) else {}))
+    with fake:
+        model.to_empty(device="cpu")
+        for module in model.modules():
+            if hasattr(module, "rope_init"):  # RoPE's cache is computed from data: compute it, then fake it
+                with unset_fake_temporarily():
+                    module.rope_init()
+                for name, buf in list(module.named_buffers(recurse=False)):
+                    module.register_buffer(name, fake.from_tensor(buf), persistent=False)
+    set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def fake_batch(batch_size: int, seq_len: int, trained: int, ignore_index: int) -> dict[str, torch.Tensor]:
+    """Token ids of one micro-batch and labels where the first ``trained`` positions carry a label."""
+    labels = torch.full((batch_size * seq_len,), ignore_index, dtype=torch.long)
+    labels[:trained] = 0
+    return {"tokens": torch.zeros(batch_size, seq_len, dtype=torch.long), "labels": labels.view(batch_size, seq_len)}
+
+
+def estimate(cfg, setting: Setting, seq_len: int, trained_fraction: float = 1.0) -> Estimate:
+    """Predicted peak memory of training ``cfg`` (checked RecipeSettings) with ``setting``.
+
+    ``seq_len`` is the longest row a batch can have; ``trained_fraction`` the share of its positions that carry
+    a label (the output layer runs on those only).
+    """
+    t0 = time.perf_counter()
+    dtype = training.get_dtype(cfg.dtype, device=torch.device("cpu"))
+    torch._dynamo.reset()  # compiled code of an earlier estimate was traced with other settings
+    live = LiveBytes()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    backend = os.environ.get("TORCH_COMPILE_BACKEND")
+    os.environ["TORCH_COMPILE_BACKEND"] = TRACE_BACKEND  # read by torchtune's compile_model and compile_loss
+    try:
+        model = fake_model(cfg.model, dtype, fake)
+        with fake:
+            linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) or hasattr(m, "lora_a")]
+            nf4 = {id(m.weight) for m in linears} if is_qlora(cfg.model) else set()
+            for p in model.parameters():
+                size = round(p.numel() * NF4_BYTES_PER_VALUE) if id(p) in nf4 else None
+                live.count(p, "adapters + optimizer state" if p.requires_grad else "base weights", size)
+            for b in model.buffers():
+                live.count(b, "base weights")
+            loss_fn = config.instantiate(cfg.loss)
+            if setting.compile:
+                loss_fn = training.compile_loss(loss_fn, verbose=False)
+                training.compile_model(model, verbose=False)
+            if setting.checkpointed_layers:
+                checkpoint_layers(model, setting.checkpointed_layers)
+            trunk, head = Trunk(model), model.output
+
+            def counted_trunk(**inputs):
+                with live.counting_as("activations"):
+                    hidden = trunk(**inputs)
+                hidden.register_hook(lambda grad: setattr(live, "part", "activations"))
+                return hidden
+
+            params = [p for p in model.parameters() if p.requires_grad]
+            for p in params:  # a gradient, once accumulated, belongs with the adapters
+                p.register_post_accumulate_grad_hook(lambda p: live.move(p.grad, "adapters + optimizer state"))
+            optimizer = config.instantiate(cfg.optimizer, params)
+            if getattr(optimizer, "defaults", {}).get("fused"):
+                optimizer.defaults["fused"] = False  # fused AdamW has no CPU fake kernel; same state either way
+                for group in optimizer.param_groups:
+                    group["fused"] = False
+            offload = ReplayOffloading(live) if setting.offload else contextlib.nullcontext()
+            trained = round(setting.batch_size * seq_len * trained_fraction)
+            live.nonzero = trained
+            with live:
+                for _ in range(2):  # the second step has the optimizer state of the first
+                    batch = fake_batch(setting.batch_size, seq_len, trained, loss_fn.ignore_index)
+                    with live.counting_as("output layer + loss"):  # until backward reaches the trunk
+                        loss, _ = loss_sum(counted_trunk, head, loss_fn, batch, offload)
+                        loss.backward()
+                    del loss, batch
+                    with live.counting_as("adapters + optimizer state"):
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+    finally:
+        if backend is None:
+            os.environ.pop("TORCH_COMPILE_BACKEND", None)
+        else:
+            os.environ["TORCH_COMPILE_BACKEND"] = backend
+        torch._dynamo.reset()
+    parts = {part: live.peak_parts.get(part, 0) for part in PARTS}
+    return Estimate(setting, parts, time.perf_counter() - t0)
+
+
+@dataclass
+class Plan:
+    """Every setting traced, and the choice for a budget."""
+
+    budget: int | None
+    num_layers: int
+    given: Estimate
+    candidates: list[Estimate] = field(default_factory=list)
+    choice: Estimate | None = None
+
+    def fits(self, estimate: Estimate) -> bool:
+        return self.budget is not None and estimate.total <= self.budget
+
+
+# How much slower recomputing every layer's activations made a step: 31.2k -> 22.1k tokens/s on the H200
+# (bench/results, 3B, packed 4 x 2048, compile); offloading measured no slower there. Checkpointing k of N
+# layers is taken to cost k/N of that.
+RECOMPUTE_COST = 31_206 / 22_134 - 1
+
+
+def relative_step_time(setting: Setting, num_layers: int) -> float:
+    """A step's time relative to no checkpointing, for ranking candidates (lower is faster)."""
+    return 1 + RECOMPUTE_COST * setting.checkpointed_layers / num_layers
+
+
+def make_plan(cfg, budget: int | None, seq_len: int, trained_fraction: float = 1.0, log=None) -> Plan:
+    """Trace the config as given and, with a budget, find the fastest setting that fits.
+
+    Search, fastest first: no checkpointing; the fewest checkpointed layers that fit (interpolated between
+    none and all, then traced); all layers plus offloading; then the same at half the micro-batch with twice
+    the gradient accumulation (the same update, see the recipe), down to a batch of 1.
+    """
+    traced: dict[Setting, Estimate] = {}
+
+    def trace(setting: Setting) -> Estimate:
+        if setting not in traced:
+            traced[setting] = estimate(cfg, setting, seq_len, trained_fraction)
+            if log:
+                e = traced[setting]
+                log(f"  {setting.describe(n)}: peak {e.peak / GIB:.1f} GiB, with overhead {e.total / GIB:.1f} GiB")
+        return traced[setting]
+
+    n = count_layers(cfg.model)
+    layers = (cfg.activation_checkpointing_layers or n) if cfg.enable_activation_checkpointing else 0
+    given = Setting(
+        cfg.batch_size, cfg.gradient_accumulation_steps, min(layers, n), cfg.enable_activation_offloading, cfg.compile
+    )
+    plan = Plan(budget, n, trace(given))
+    if budget is None:
+        return plan
+    batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+    while True:
+        offload = cfg.device.startswith("cuda")  # torchtune offloads to CPU memory from a CUDA device only
+        least = trace(Setting(batch, accumulation, n, offload, cfg.compile))  # the least memory at this batch
+        if plan.fits(least):
+            plan.choice = fastest_fitting(plan, trace, batch, accumulation, cfg.compile) or least
+            break
+        if batch == 1:
+            break
+        if least.parts["base weights"] + least.parts["adapters + optimizer state"] > budget:
+            batch, accumulation = 1, accumulation * batch  # weights alone are over: only the smallest is worth naming
+            continue
+        # The same samples per optimizer step: halve an even micro-batch, else go to 1.
+        batch, accumulation = (batch // 2, accumulation * 2) if batch % 2 == 0 else (1, accumulation * batch)
+    speed = lambda e: (-e.setting.batch_size, relative_step_time(e.setting, n), e.setting.offload)  # noqa: E731
+    plan.candidates = sorted(traced.values(), key=speed)
+    return plan
+
+
+def fastest_fitting(plan: Plan, trace, batch: int, accumulation: int, compile_: bool) -> Estimate | None:
+    """No checkpointing if it fits; else the fewest checkpointed layers that fit (interpolated between none and
+    all, since each checkpointed layer frees about the same memory, then traced up or down); else None."""
+    n = plan.num_layers
+    none_ = trace(Setting(batch, accumulation, 0, False, compile_))
+    if plan.fits(none_):
+        return none_
+    every = trace(Setting(batch, accumulation, n, False, compile_))
+    if not plan.fits(every):
+        return None
+    freed_per_layer = max((none_.total - every.total) / n, 1)
+    k = min(n, max(1, math.ceil((none_.total - plan.budget) / freed_per_layer)))
+
+    def fits(layers: int) -> bool:
+        return plan.fits(trace(Setting(batch, accumulation, layers, False, compile_)))
+
+    while not fits(k):
+        k += 1  # ends at n at the latest, which fits
+    while k > 1 and fits(k - 1):
+        k -= 1  # none (k = 0) does not fit
+    return trace(Setting(batch, accumulation, k, False, compile_))
+
+
+def count_layers(model_cfg) -> int:
+    """The number of transformer layers the config builds (on meta: no memory)."""
+    with torch.device("meta"):
+        model = config.instantiate(model_cfg, **({"quantize_base": False} if is_qlora(model_cfg) else {}))
+    return len(model.layers)
