@@ -2,8 +2,9 @@
 
 The model is built from the config with no storage (the meta device, then fake tensors: shapes, dtypes and
 sizes, no data), set up as the recipe sets it up (compile, activation checkpointing of some or all layers,
-offloading), and two optimizer steps of the recipe's own loss (``lora_tools.decoder.loss_sum``) run on it while
-a dispatch mode adds up the bytes of every tensor storage alive. Compiled layers and loss are traced by
+offloading), and one training step (the recipe's own loss, ``lora_tools.decoder.loss_sum``, backward and the
+optimizer step, after an optimizer step on zero gradients that creates its state, as a second step finds it)
+runs on it while a dispatch mode adds up the bytes of every tensor storage alive. Compiled layers and loss are traced by
 Dynamo with the partitioner inductor uses (backend ``aot_eager_decomp_partition``), so the activations kept for
 backward are the ones the compiled step keeps, not the eager ones. Offloading is replayed with the rule of
 torchtune's ``OffloadActivations``: a saved tensor of 1 KiB or more that is not a parameter leaves the GPU in
@@ -14,6 +15,7 @@ blocks and the CUDA context (see OVERHEAD_FRACTION).
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -241,12 +244,24 @@ def fake_batch(batch_size: int, seq_len: int, trained: int, ignore_index: int) -
     return {"tokens": torch.zeros(batch_size, seq_len, dtype=torch.long), "labels": labels.view(batch_size, seq_len)}
 
 
+_traced: dict[tuple, Estimate] = {}  # what this process already traced (the plan and the tests ask again)
+
+
 def estimate(cfg, setting: Setting, seq_len: int, trained_fraction: float = 1.0) -> Estimate:
     """Predicted peak memory of training ``cfg`` (checked RecipeSettings) with ``setting``.
 
     ``seq_len`` is the longest row a batch can have; ``trained_fraction`` the share of its positions that carry
     a label (the output layer runs on those only).
     """
+    # Everything the trace reads; gradient accumulation changes no tensor.
+    sections = OmegaConf.to_yaml(OmegaConf.create({"m": cfg.model, "l": cfg.loss, "o": cfg.optimizer}))
+    key = (sections, cfg.dtype, dataclasses.replace(setting, gradient_accumulation_steps=1), seq_len, trained_fraction)
+    if key not in _traced:
+        _traced[key] = _trace(cfg, setting, seq_len, trained_fraction)
+    return dataclasses.replace(_traced[key], setting=setting)
+
+
+def _trace(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Estimate:
     t0 = time.perf_counter()
     dtype = training.get_dtype(cfg.dtype, device=torch.device("cpu"))
     torch._dynamo.reset()  # compiled code of an earlier estimate was traced with other settings
@@ -290,15 +305,19 @@ def estimate(cfg, setting: Setting, seq_len: int, trained_fraction: float = 1.0)
             trained = round(setting.batch_size * seq_len * trained_fraction)
             live.nonzero = trained
             with live:
-                for _ in range(2):  # the second step has the optimizer state of the first
-                    batch = fake_batch(setting.batch_size, seq_len, trained, loss_fn.ignore_index)
-                    with live.counting_as("output layer + loss"):  # until backward reaches the trunk
-                        loss, _ = loss_sum(counted_trunk, head, loss_fn, batch, offload)
-                        loss.backward()
-                    del loss, batch
-                    with live.counting_as("adapters + optimizer state"):
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                with live.counting_as("adapters + optimizer state"):  # the state a step after the first has
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                batch = fake_batch(setting.batch_size, seq_len, trained, loss_fn.ignore_index)
+                with live.counting_as("output layer + loss"):  # until backward reaches the trunk
+                    loss, _ = loss_sum(counted_trunk, head, loss_fn, batch, offload)
+                    loss.backward()
+                del loss, batch
+                with live.counting_as("adapters + optimizer state"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
     finally:
         if backend is None:
             os.environ.pop("TORCH_COMPILE_BACKEND", None)

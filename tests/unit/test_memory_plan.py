@@ -104,14 +104,14 @@ def test_tiny_prediction_equals_the_profilers_count_of_a_real_run(tmp_path):
 
 
 def test_a_budget_between_none_and_all_checkpoints_the_fewest_layers_that_fit():
-    cfg = parsed("configs/tiny.yaml", "batch_size=64", "tokenizer.max_seq_len=256")
-    none_ = memory.estimate(cfg, memory.Setting(64, 1, 0, False, False), 256)
-    every = memory.estimate(cfg, memory.Setting(64, 1, 4, False, False), 256)
+    cfg = parsed("configs/tiny.yaml", "batch_size=64", "tokenizer.max_seq_len=128")
+    none_ = memory.estimate(cfg, memory.Setting(64, 1, 0, False, False), 128)
+    every = memory.estimate(cfg, memory.Setting(64, 1, 4, False, False), 128)
     budget = (none_.total + every.total) // 2
     chosen = plan.make(cfg, budget)
     k = chosen.choice.setting.checkpointed_layers
     assert 0 < k < 4 and chosen.choice.total <= budget and not chosen.choice.setting.offload  # CPU: no offloading
-    fewer = memory.estimate(cfg, memory.Setting(64, 1, k - 1, False, False), 256)
+    fewer = memory.estimate(cfg, memory.Setting(64, 1, k - 1, False, False), 128)
     assert fewer.total > budget
     assert f"activation_checkpointing_layers={k}" in chosen.choice.setting.overrides(4)
     # A smaller budget than any setting at batch 64 needs: the micro-batch halves, the update stays the same.
@@ -121,7 +121,7 @@ def test_a_budget_between_none_and_all_checkpoints_the_fewest_layers_that_fit():
 
 
 def test_preflight_applies_the_choice_as_overrides(capsys):
-    cfg = parsed("configs/tiny.yaml", "batch_size=64", "tokenizer.max_seq_len=256", "memory_budget=100GiB")
+    cfg = parsed("configs/tiny.yaml", "batch_size=64", "tokenizer.max_seq_len=128", "memory_budget=100GiB")
     overrides = preflight.plan_memory(cfg)
     assert "enable_activation_checkpointing=False" in overrides and "batch_size=64" in overrides
     line = capsys.readouterr().out.strip()
