@@ -99,6 +99,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._eval_tasks = harness.task_manager(c.eval_tasks, []) if c.eval_tasks else None  # a typo fails now
         self._loss_fn = config.instantiate(c.loss)
         if c.compile:
+            if c.compile_memory_budget is not None:  # read by the partitioner when the first step compiles
+                torch._functorch.config.activation_memory_budget = c.compile_memory_budget
             self._loss_fn = training.compile_loss(self._loss_fn)
         self._dataloader = self._setup_data(c.dataset, shuffle=c.shuffle)
         self._val_dataloader = self._setup_data(c.val_dataset, evaluation=True) if c.val_dataset else None

@@ -347,6 +347,49 @@ def flops_note(ctx: Context) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plan_check(ctx: Context) -> str:
+    """The memory plan on a GPU (bench/gpu_plan_check.sh): per budget, the plan's choice and predicted peak next to
+    the capped run's measurements; tokens/s against the same commit's run with no budget and no checkpointing."""
+    header = ["commit", "budget", "plan's choice", "predicted peak", "max allocated", "predicted vs measured"]
+    header += ["reserved", "tokens/s", "vs no budget", "MFU", "recompiles", "source"]
+    rows = []
+    for result in ctx.results:
+        budget = result["settings"].get("memory_budget_gib")
+        free = [
+            row["tokens_per_second"]
+            for r in ctx.results
+            if commit_of(r) == commit_of(result) and r["settings"].get("memory_budget_gib") is None
+            for row in r["rows"]
+            if "tokens_per_second" in row
+        ]
+        for row in result["rows"]:
+            label = f"{budget:g} GiB" if budget else "none"
+            if "error" in row:
+                failed = f"failed: {row['error'][:80]}"
+                rows.append([commit_of(result), label, failed] + ["-"] * 8 + [ctx.source(result)])
+                continue
+            predicted, measured = row.get("predicted_peak_gib"), row.get("peak_memory_alloc_gib")
+            error = f"{predicted / measured - 1:+.1%}" if predicted and measured else "-"
+            tps = row["tokens_per_second"]
+            rows.append(
+                [
+                    commit_of(result),
+                    label,
+                    f"`{row['plan_overrides']}`" if row.get("plan_overrides") else "as configured",
+                    f"{predicted:.1f} GiB" if predicted else "-",
+                    f"{measured:.1f} GiB" if measured else "-",
+                    error,
+                    f"{row['peak_memory_reserved_gib']:.1f} GiB" if "peak_memory_reserved_gib" in row else "-",
+                    f"{tps:,.0f}",
+                    f"{tps / max(free):.2f}x" if free else "-",
+                    f"{row['mfu']:.1%}" if "mfu" in row else "-",
+                    str(row.get("recompiles", "-")),
+                    ctx.source(result),
+                ]
+            )
+    return markdown(header, rows)
+
+
 CPU_COLUMNS = ["commit", "train_on_input", "runs", "stack", "tokens_per_second", "vs_ours", "time_to_first_step_s"]
 CPU_COLUMNS += ["peak_rss_gib", "final_loss", "source"]
 GPU_COLUMNS = ["commit", "stack", "compile", "ac", "offload", "tokens_per_second"]
@@ -362,6 +405,7 @@ TABLES = {
     "gpu-3b-settings": (settings_effect, "gpu-3b-train-on-input-true"),
     "gpu-fsdp": (per_stack(FSDP_COLUMNS), None),
     "gpu-fsdp-tiny": (loss_agreement, None),
+    "gpu-plan": (plan_check, None),
 }
 
 

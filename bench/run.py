@@ -151,9 +151,9 @@ def read_steps(log_file: Path) -> dict[int, dict[str, float]]:
     return {k: v for k, v in steps.items() if "loss" in v}
 
 
-def run_stack(stack: str, cmd: list[str], out: Path, timeout: int) -> dict:
+def run_stack(stack: str, cmd: list[str], out: Path, timeout: int, extra_env: dict | None = None) -> dict:
     """Launch one training run the way a user does; time it; read its metrics back."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", **(extra_env or {}))
     log_file = out / ("steps.jsonl" if stack == "trl" else "logs/bench.txt")
     out.mkdir(parents=True, exist_ok=True)
     console = out / "console.txt"
@@ -187,6 +187,12 @@ def run_stack(stack: str, cmd: list[str], out: Path, timeout: int) -> dict:
     for key in ("peak_memory_alloc", "peak_memory_reserved"):
         if key in steps[max(steps)]:
             result[key + "_gib"] = max(s[key] for s in steps.values())
+    text = console.read_text(errors="replace")
+    if "recompiles" in env.get("TORCH_LOGS", ""):
+        result["recompiles"] = text.count("Recompiling function")
+    plan = re.search(r"^memory plan: .*predicted peak ([0-9.]+) GiB.*overrides: (.*)$", text, re.M)
+    if plan:
+        result["predicted_peak_gib"], result["plan_overrides"] = float(plan.group(1)), plan.group(2).strip()
     return result
 
 
@@ -299,6 +305,12 @@ def main(argv=None) -> int:
         default="true",
         help="loss on prompts too (true, as the shipped config) or on responses only (false)",
     )
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        help="GiB: ours runs with memory_budget=<this>GiB, its CUDA memory capped there (bench/capped)",
+    )
+    parser.add_argument("--recompiles", action="store_true", help="count torch.compile recompiles (TORCH_LOGS)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the result file goes")
     parser.add_argument("--json", type=Path, help="write the result file here instead (a file name)")
@@ -325,6 +337,11 @@ def main(argv=None) -> int:
     table = args.table or default_table(args.device, model, stacks, args.train_on_input)
     settings = dict(device=args.device, model=model, stacks=stacks, variants=variants, steps=steps, batch=batch)
     settings.update(seq=seq, repeats=args.repeats, train_on_input=args.train_on_input == "true", lora_rank=LORA_RANK)
+    extra_env = {"TORCH_LOGS": "recompiles"} if args.recompiles else {}
+    if args.memory_budget:
+        settings["memory_budget_gib"] = args.memory_budget
+        path = os.pathsep.join(p for p in (str(REPO / "bench" / "capped"), os.environ.get("PYTHONPATH")) if p)
+        extra_env.update(BENCH_GPU_MEMORY_GIB=str(args.memory_budget), PYTHONPATH=path)
     result = {**meta, "table": table, "settings": settings, "flops_per_token": flops, **counts, "complete": False}
     result_file = args.json or result_path(args.results_dir, meta["date"], table, stacks, variants)
     result_file.parent.mkdir(parents=True, exist_ok=True)
@@ -341,8 +358,10 @@ def main(argv=None) -> int:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
                 flags = {**VARIANT_FLAGS[variant], "train_on_input": args.train_on_input == "true"}
                 run_args = overrides(model_dir, model, args.device, steps, batch, seq, out, **flags)
+                if args.memory_budget and stack.startswith("ours"):
+                    run_args.append(f"memory_budget={args.memory_budget}GiB")
                 cmd = command(stack, run_args, [*trl_args, "--out", str(out)])
-                run = run_stack(stack, cmd, out, args.timeout)
+                run = run_stack(stack, cmd, out, args.timeout, extra_env)
                 if "tokens_per_second" in run and peak:
                     run["mfu"] = run["tokens_per_second"] * flops / peak
                 rows.append({"stack": stack, "variant": variant, "repeat": repeat, **run})

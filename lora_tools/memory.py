@@ -74,6 +74,7 @@ class Setting:
     checkpointed_layers: int  # 0 .. number of layers
     offload: bool
     compile: bool
+    compile_memory_budget: float | None = None  # torch._functorch.config.activation_memory_budget; None: 1
 
     def overrides(self, num_layers: int) -> list[str]:
         """The config keys (key=value) that select this setting."""
@@ -87,13 +88,16 @@ class Setting:
             count = "null" if self.checkpointed_layers == num_layers else self.checkpointed_layers
             keys.append(f"activation_checkpointing_layers={count}")
         keys.append(f"enable_activation_offloading={self.offload}")
+        if self.compile_memory_budget is not None:
+            keys.append(f"compile_memory_budget={self.compile_memory_budget}")
         return keys
 
     def describe(self, num_layers: int) -> str:
         k = self.checkpointed_layers
         ac = f"checkpointing {k} of {num_layers} layers" if k else "no checkpointing"
         offload = ", offloading" if self.offload else ""
-        return f"batch {self.batch_size} x {self.gradient_accumulation_steps}, {ac}{offload}"
+        budget = "" if self.compile_memory_budget is None else f", compile memory budget {self.compile_memory_budget}"
+        return f"batch {self.batch_size} x {self.gradient_accumulation_steps}, {ac}{offload}{budget}"
 
 
 @dataclass
@@ -269,61 +273,68 @@ def _trace(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Esti
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     backend = os.environ.get("TORCH_COMPILE_BACKEND")
     os.environ["TORCH_COMPILE_BACKEND"] = TRACE_BACKEND  # read by torchtune's compile_model and compile_loss
+    budget = 1.0 if setting.compile_memory_budget is None else setting.compile_memory_budget
     try:
-        model = fake_model(cfg.model, dtype, fake)
-        with fake:
-            linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) or hasattr(m, "lora_a")]
-            nf4 = {id(m.weight) for m in linears} if is_qlora(cfg.model) else set()
-            for p in model.parameters():
-                size = round(p.numel() * NF4_BYTES_PER_VALUE) if id(p) in nf4 else None
-                live.count(p, "adapters + optimizer state" if p.requires_grad else "base weights", size)
-            for b in model.buffers():
-                live.count(b, "base weights")
-            loss_fn = config.instantiate(cfg.loss)
-            if setting.compile:
-                loss_fn = training.compile_loss(loss_fn, verbose=False)
-                training.compile_model(model, verbose=False)
-            if setting.checkpointed_layers:
-                checkpoint_layers(model, setting.checkpointed_layers)
-            trunk, head = Trunk(model), model.output
-
-            def counted_trunk(**inputs):
-                with live.counting_as("activations"):
-                    hidden = trunk(**inputs)
-                hidden.register_hook(lambda grad: setattr(live, "part", "activations"))
-                return hidden
-
-            params = [p for p in model.parameters() if p.requires_grad]
-            for p in params:  # a gradient, once accumulated, belongs with the adapters
-                p.register_post_accumulate_grad_hook(lambda p: live.move(p.grad, "adapters + optimizer state"))
-            optimizer = config.instantiate(cfg.optimizer, params)
-            if getattr(optimizer, "defaults", {}).get("fused"):
-                optimizer.defaults["fused"] = False  # fused AdamW has no CPU fake kernel; same state either way
-                for group in optimizer.param_groups:
-                    group["fused"] = False
-            offload = ReplayOffloading(live) if setting.offload else contextlib.nullcontext()
-            trained = round(setting.batch_size * seq_len * trained_fraction)
-            live.nonzero = trained
-            with live:
-                with live.counting_as("adapters + optimizer state"):  # the state a step after the first has
-                    for p in params:
-                        p.grad = torch.zeros_like(p)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                batch = fake_batch(setting.batch_size, seq_len, trained, loss_fn.ignore_index)
-                with live.counting_as("output layer + loss"):  # until backward reaches the trunk
-                    loss, _ = loss_sum(counted_trunk, head, loss_fn, batch, offload)
-                    loss.backward()
-                del loss, batch
-                with live.counting_as("adapters + optimizer state"):
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return _trace_step(cfg, setting, seq_len, trained_fraction, dtype, live, fake, t0)
     finally:
         if backend is None:
             os.environ.pop("TORCH_COMPILE_BACKEND", None)
         else:
             os.environ["TORCH_COMPILE_BACKEND"] = backend
         torch._dynamo.reset()
+
+
+def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float, dtype, live, fake, t0) -> Estimate:
+    """Build, set up and run one step under ``live``; the peak's bytes by part."""
+    model = fake_model(cfg.model, dtype, fake)
+    with fake:
+        linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) or hasattr(m, "lora_a")]
+        nf4 = {id(m.weight) for m in linears} if is_qlora(cfg.model) else set()
+        for p in model.parameters():
+            size = round(p.numel() * NF4_BYTES_PER_VALUE) if id(p) in nf4 else None
+            live.count(p, "adapters + optimizer state" if p.requires_grad else "base weights", size)
+        for b in model.buffers():
+            live.count(b, "base weights")
+        loss_fn = config.instantiate(cfg.loss)
+        if setting.compile:
+            loss_fn = training.compile_loss(loss_fn, verbose=False)
+            training.compile_model(model, verbose=False)
+        if setting.checkpointed_layers:
+            checkpoint_layers(model, setting.checkpointed_layers)
+        trunk, head = Trunk(model), model.output
+
+        def counted_trunk(**inputs):
+            with live.counting_as("activations"):
+                hidden = trunk(**inputs)
+            hidden.register_hook(lambda grad: setattr(live, "part", "activations"))
+            return hidden
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # a gradient, once accumulated, belongs with the adapters
+            p.register_post_accumulate_grad_hook(lambda p: live.move(p.grad, "adapters + optimizer state"))
+        optimizer = config.instantiate(cfg.optimizer, params)
+        if getattr(optimizer, "defaults", {}).get("fused"):
+            optimizer.defaults["fused"] = False  # fused AdamW has no CPU fake kernel; same state either way
+            for group in optimizer.param_groups:
+                group["fused"] = False
+        offload = ReplayOffloading(live) if setting.offload else contextlib.nullcontext()
+        trained = round(setting.batch_size * seq_len * trained_fraction)
+        live.nonzero = trained
+        with live:
+            with live.counting_as("adapters + optimizer state"):  # the state a step after the first has
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch = fake_batch(setting.batch_size, seq_len, trained, loss_fn.ignore_index)
+            with live.counting_as("output layer + loss"):  # until backward reaches the trunk
+                loss, _ = loss_sum(counted_trunk, head, loss_fn, batch, offload)
+                loss.backward()
+            del loss, batch
+            with live.counting_as("adapters + optimizer state"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     parts = {part: live.peak_parts.get(part, 0) for part in PARTS}
     return Estimate(setting, parts, time.perf_counter() - t0)
 
@@ -348,17 +359,24 @@ class Plan:
 RECOMPUTE_COST = 31_206 / 22_134 - 1
 
 
-def relative_step_time(setting: Setting, num_layers: int) -> float:
-    """A step's time relative to no checkpointing, for ranking candidates (lower is faster)."""
+def relative_step_time(setting: Setting, num_layers: int) -> float | None:
+    """A step's time relative to no checkpointing, for ranking candidates (lower is faster); None: not known."""
+    if setting.compile_memory_budget is not None and setting.compile_memory_budget < 1:
+        return None
     return 1 + RECOMPUTE_COST * setting.checkpointed_layers / num_layers
 
 
-def make_plan(cfg, budget: int | None, seq_len: int, trained_fraction: float = 1.0, log=None) -> Plan:
+def make_plan(
+    cfg, budget: int | None, seq_len: int, trained_fraction: float = 1.0, log=None, compile_budgets: bool = False
+) -> Plan:
     """Trace the config as given and, with a budget, find the fastest setting that fits.
 
     Search, fastest first: no checkpointing; the fewest checkpointed layers that fit (interpolated between
     none and all, then traced); all layers plus offloading; then the same at half the micro-batch with twice
     the gradient accumulation (the same update, see the recipe), down to a batch of 1.
+
+    ``compile_budgets`` also traces compile's own activation memory budget where checkpointing was needed: the
+    largest budget (in steps of 0.05) that fits. It is shown, not chosen: its speed is not measured yet.
     """
     traced: dict[Setting, Estimate] = {}
 
@@ -372,8 +390,14 @@ def make_plan(cfg, budget: int | None, seq_len: int, trained_fraction: float = 1
 
     n = count_layers(cfg.model)
     layers = (cfg.activation_checkpointing_layers or n) if cfg.enable_activation_checkpointing else 0
+    compile_budget = cfg.compile_memory_budget if cfg.compile else None
     given = Setting(
-        cfg.batch_size, cfg.gradient_accumulation_steps, min(layers, n), cfg.enable_activation_offloading, cfg.compile
+        cfg.batch_size,
+        cfg.gradient_accumulation_steps,
+        min(layers, n),
+        cfg.enable_activation_offloading,
+        cfg.compile,
+        compile_budget,
     )
     plan = Plan(budget, n, trace(given))
     if budget is None:
@@ -392,7 +416,16 @@ def make_plan(cfg, budget: int | None, seq_len: int, trained_fraction: float = 1
             continue
         # The same samples per optimizer step: halve an even micro-batch, else go to 1.
         batch, accumulation = (batch // 2, accumulation * 2) if batch % 2 == 0 else (1, accumulation * batch)
-    speed = lambda e: (-e.setting.batch_size, relative_step_time(e.setting, n), e.setting.offload)  # noqa: E731
+    chosen = plan.choice.setting if plan.choice else None
+    if compile_budgets and cfg.compile and chosen and chosen.checkpointed_layers and not chosen.offload:
+        b, a = chosen.batch_size, chosen.gradient_accumulation_steps
+        none_, every = traced[Setting(b, a, 0, False, True)], traced[Setting(b, a, n, False, True)]
+        share = math.floor(20 * (budget - every.total) / max(none_.total - every.total, 1)) / 20
+        for _ in range(2):  # activations shrink about linearly with the budget; one step down if not
+            if share <= 0 or plan.fits(trace(Setting(b, a, 0, False, True, round(share, 2)))):
+                break
+            share -= 0.05
+    speed = lambda e: (-e.setting.batch_size, relative_step_time(e.setting, n) or 9, e.setting.offload)  # noqa: E731
     plan.candidates = sorted(traced.values(), key=speed)
     return plan
 

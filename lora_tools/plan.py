@@ -41,9 +41,9 @@ def rows(cfg) -> int:
     return int(seq)
 
 
-def make(cfg, budget: int | None, log=None) -> memory.Plan:
+def make(cfg, budget: int | None, compile_budgets: bool = False) -> memory.Plan:
     """The plan for the longest rows the config allows, every position trained: the most a step can need."""
-    return memory.make_plan(cfg, budget, rows(cfg), 1.0, log=log)
+    return memory.make_plan(cfg, budget, rows(cfg), 1.0, compile_budgets=compile_budgets)
 
 
 def gib(n: int) -> str:
@@ -86,8 +86,11 @@ def report(plan: memory.Plan, source: str, cfg) -> str:
     for e in plan.candidates:
         verdict = "fits" if plan.fits(e) else f"over by {gib(e.total - plan.budget)}"
         time_ = memory.relative_step_time(e.setting, n)
+        if time_ is None:
+            verdict += " (speed not measured: shown, not chosen)"
+        time_ = f"x{time_:.2f}" if time_ else "  ?  "
         sizes = f"peak {gib(e.peak):>9s}  needs {gib(e.total):>9s}"
-        lines.append(f"  {e.setting.describe(n):55s} x{time_:.2f}  {sizes}  {verdict}")
+        lines.append(f"  {e.setting.describe(n):55s} {time_}  {sizes}  {verdict}")
     lines += ["", choice_line(plan)]
     return "\n".join(lines)
 
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             value = "auto" if torch.cuda.is_available() else None
         budget = budget_for(value, cfg.device) if value else None
         t0 = time.perf_counter()
-        plan = make(cfg, budget)
+        plan = make(cfg, budget, compile_budgets=True)
         print(report(plan, source, cfg))
         print(f"(planned in {time.perf_counter() - t0:.1f} s)")
     except UserError as e:

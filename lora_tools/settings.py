@@ -98,6 +98,11 @@ class RecipeSettings:
     compile: bool = setting("torch.compile the model and loss (the first step is slow)", False)
     enable_activation_checkpointing: bool = setting("recompute activations in backward to save memory", False)
     enable_activation_offloading: bool = setting("move activations to CPU memory in forward (CUDA only)", False)
+    compile_memory_budget: float | None = setting(
+        "with compile: keep at most this share (0-1) of the saved activations, recompute the rest; null: 1",
+        None,
+        rule=(lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    )
     activation_checkpointing_layers: int | None = setting(
         "with enable_activation_checkpointing: checkpoint this many layers, spread evenly; null: all",
         None,

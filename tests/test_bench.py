@@ -13,7 +13,8 @@ from bench import report
 def test_bench_runs_two_steps_per_stack_and_writes_a_result_file(tmp_path):
     results = tmp_path / "results"
     result_file = results / "bench.json"
-    args = ["--steps", "2", "--stacks", "ours,torchtune,trl", "--json", str(result_file)]
+    args = ["--steps", "2", "--stacks", "ours,torchtune,trl", "--memory-budget", "20", "--recompiles"]
+    args += ["--json", str(result_file)]
     run = subprocess.run(
         [sys.executable, "-m", "bench.run", *args],
         cwd=REPO,
@@ -30,6 +31,9 @@ def test_bench_runs_two_steps_per_stack_and_writes_a_result_file(tmp_path):
         assert "error" not in row, (stack, row)
         assert row["steps"] == 2 and row["tokens_per_second"] > 0 and row["peak_rss_gib"] > 0
         assert row["time_to_first_step_s"] is not None
+    # --memory-budget: our recipe planned its memory and printed the choice (ours only; the others have no plan).
+    assert rows["ours"]["predicted_peak_gib"] > 0 and "batch_size=2" in rows["ours"]["plan_overrides"]
+    assert "predicted_peak_gib" not in rows["torchtune"] and rows["ours"]["recompiles"] == 0  # compile is off
     table = run.stdout[run.stdout.index("| stack |") :]
     assert all(f"| {stack} | default |" in table for stack in rows)
 
@@ -50,3 +54,6 @@ def test_bench_runs_two_steps_per_stack_and_writes_a_result_file(tmp_path):
         assert f"| 1 x 2 | {stack} | {rows[stack]['tokens_per_second']:,.0f} |" in text
     assert f"1. `bench.json`: `{data['command']}`" in text and "transcribed" not in text
     assert report.main(["--check", "--results", str(results), "--file", str(md)]) == 0
+    # The GPU plan table's renderer on the same file: the plan's choice and predicted peak of the ours row.
+    plan_table = report.plan_check(report.Context([{**data, "file": "bench.json"}]))
+    assert f"`{rows['ours']['plan_overrides']}`" in plan_table and "| 20 GiB |" in plan_table

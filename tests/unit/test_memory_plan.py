@@ -129,6 +129,15 @@ def test_preflight_applies_the_choice_as_overrides(capsys):
     assert "\n" not in line
 
 
+def test_compile_memory_budget_trades_saved_activations():
+    """torch._functorch.config.activation_memory_budget, traced: at 0 the compiled layers keep far less."""
+    cfg = parsed("configs/tiny.yaml", "compile=True", "compile_memory_budget=0.0", "tokenizer.max_seq_len=128")
+    full = memory.estimate(cfg, memory.Setting(16, 1, 0, False, True), 128).parts["activations"]
+    given = plan.make(cfg, None).given  # the config's own budget, 0
+    assert given.setting.compile_memory_budget == 0.0 and "compile_memory_budget=0.0" in given.setting.overrides(4)
+    assert given.parts["activations"] < 0.5 * full
+
+
 def test_checkpoint_layers_spreads_them_evenly():
     with torch.device("meta"):
         model = memory.fake_model.__globals__["config"].instantiate(parsed("configs/tiny.yaml").model)
