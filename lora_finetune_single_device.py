@@ -211,6 +211,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             training.compile_model(model)
         if c.enable_activation_checkpointing:  # all layers, or activation_checkpointing_layers of them
             memory.checkpoint_layers(model, c.activation_checkpointing_layers)
+        elif c.activation_checkpointing_layers:
+            log.warning("activation_checkpointing_layers is ignored: enable_activation_checkpointing is False")
         # The output layer (a 128k-wide matmul, most of a step's cost at small scale) runs only on the positions
         # that carry a label: the trunk stops at the final norm, and _forward_backward applies the head.
         self._trunk, self._head = Trunk(model), model.output

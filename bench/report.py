@@ -365,7 +365,7 @@ def plan_check(ctx: Context) -> str:
         for row in result["rows"]:
             label = f"{budget:g} GiB" if budget else "none"
             if "error" in row:
-                failed = f"failed: {row['error'][:80]}"
+                failed = "failed: " + row["error"][:80].replace("|", "\\|")
                 rows.append([commit_of(result), label, failed] + ["-"] * 8 + [ctx.source(result)])
                 continue
             predicted, measured = row.get("predicted_peak_gib"), row.get("peak_memory_alloc_gib")

@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                 if args.memory_budget and stack.startswith("ours"):
                     run_args.append(f"memory_budget={args.memory_budget}GiB")
                 cmd = command(stack, run_args, [*trl_args, "--out", str(out)])
-                run = run_stack(stack, cmd, out, args.timeout, extra_env)
+                run = run_stack(stack, cmd, out, args.timeout, extra_env if stack.startswith("ours") else None)
                 if "tokens_per_second" in run and peak:
                     run["mfu"] = run["tokens_per_second"] * flops / peak
                 rows.append({"stack": stack, "variant": variant, "repeat": repeat, **run})

@@ -2,8 +2,9 @@
 
 The GPU runs in bench/results measured peak memory with the output layer applied to labelled positions only,
 so predicting them needs that share. The data came from that commit's lora_tools.tiny_assets; this script
-rebuilds it in a temporary git worktree, packs it as bench/run.py does (rows of --seq, batches of --batch) and
-writes the largest and the mean share over the batches to bench/results/plan/.
+rebuilds it in a temporary git worktree, packs it as bench/run.py does (rows of --seq), groups consecutive rows
+in batches of --batch and writes the largest and the mean share over those to bench/results/plan/. (The runs
+shuffled the rows and shifted labels per sample; on this data every packed row has about the same share.)
 
     python -m bench.trained_share --commit 4b3e03e --train-on-input false
 """

@@ -21,7 +21,7 @@ import os
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +107,7 @@ class Estimate:
     setting: Setting
     parts: dict[str, int]
     seconds: float = 0.0
+    gradient_bytes: int = 0  # of the trainable parameters
 
     @property
     def peak(self) -> int:
@@ -140,6 +141,7 @@ class LiveBytes(TorchDispatchMode):
         self.part = "activations"
         self.paused = False
         self.nonzero = 0  # what aten.nonzero returns this many rows of (the trained positions of a batch)
+        self.positions = 0  # the size of the one mask it answers for (batch x sequence)
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -183,8 +185,12 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten.nonzero.default:  # how many positions train is data: the planner says
+            if args[0].numel() != self.positions:
+                raise NotImplementedError(f"the plan knows one mask (the labels), not {func} of {args[0].shape}")
             return torch.zeros(self.nonzero, args[0].dim(), dtype=torch.long, device=args[0].device)
         if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            if any(i is not None and i.dtype == torch.bool and i.numel() != self.positions for i in args[1]):
+                raise NotImplementedError("the plan knows one mask (the labels' trained positions), no other")
             rows = torch.zeros(self.nonzero, dtype=torch.long, device=args[0].device)
             indices = [(rows,) * i.dim() if i is not None and i.dtype == torch.bool else (i,) for i in args[1]]
             args = (args[0], [j for i in indices for j in i], *args[2:])
@@ -257,12 +263,17 @@ def estimate(cfg, setting: Setting, seq_len: int, trained_fraction: float = 1.0)
     ``seq_len`` is the longest row a batch can have; ``trained_fraction`` the share of its positions that carry
     a label (the output layer runs on those only).
     """
-    # Everything the trace reads; gradient accumulation changes no tensor.
+    # Everything the trace reads. Gradient accumulation is added after: one micro-batch is traced, and from the
+    # second on, the adapters' gradients of the earlier ones are alive throughout.
     sections = OmegaConf.to_yaml(OmegaConf.create({"m": cfg.model, "l": cfg.loss, "o": cfg.optimizer}))
     key = (sections, cfg.dtype, dataclasses.replace(setting, gradient_accumulation_steps=1), seq_len, trained_fraction)
     if key not in _traced:
         _traced[key] = _trace(cfg, setting, seq_len, trained_fraction)
-    return dataclasses.replace(_traced[key], setting=setting)
+    traced = _traced[key]
+    parts = dict(traced.parts)
+    if setting.gradient_accumulation_steps > 1:
+        parts["adapters + optimizer state"] += traced.gradient_bytes
+    return dataclasses.replace(traced, setting=setting, parts=parts)
 
 
 def _trace(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Estimate:
@@ -290,7 +301,8 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float, dt
     model = fake_model(cfg.model, dtype, fake)
     with fake:
         linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) or hasattr(m, "lora_a")]
-        nf4 = {id(m.weight) for m in linears} if is_qlora(cfg.model) else set()
+        frozen = [m.weight for m in linears if not m.weight.requires_grad]  # not LoRA's own lora_a / lora_b
+        nf4 = {id(w) for w in frozen} if is_qlora(cfg.model) else set()
         for p in model.parameters():
             size = round(p.numel() * NF4_BYTES_PER_VALUE) if id(p) in nf4 else None
             live.count(p, "adapters + optimizer state" if p.requires_grad else "base weights", size)
@@ -320,7 +332,7 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float, dt
                 group["fused"] = False
         offload = ReplayOffloading(live) if setting.offload else contextlib.nullcontext()
         trained = round(setting.batch_size * seq_len * trained_fraction)
-        live.nonzero = trained
+        live.nonzero, live.positions = trained, setting.batch_size * seq_len
         with live:
             with live.counting_as("adapters + optimizer state"):  # the state a step after the first has
                 for p in params:
@@ -336,7 +348,7 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float, dt
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     parts = {part: live.peak_parts.get(part, 0) for part in PARTS}
-    return Estimate(setting, parts, time.perf_counter() - t0)
+    return Estimate(setting, parts, time.perf_counter() - t0, sum(p.nbytes for p in params))
 
 
 @dataclass
@@ -403,13 +415,17 @@ def make_plan(
     if budget is None:
         return plan
     batch, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+    offload = cfg.device.startswith("cuda")  # torchtune offloads to CPU memory from a CUDA device only
     while True:
-        offload = cfg.device.startswith("cuda")  # torchtune offloads to CPU memory from a CUDA device only
-        least = trace(Setting(batch, accumulation, n, offload, cfg.compile))  # the least memory at this batch
+
+        def at(layers: int, offloading: bool, batch=batch, accumulation=accumulation) -> Setting:
+            return Setting(batch, accumulation, layers, offloading, cfg.compile, compile_budget)
+
+        least = trace(at(n, offload))  # the least memory at this batch
         if plan.fits(least):
-            plan.choice = fastest_fitting(plan, trace, batch, accumulation, cfg.compile) or least
+            plan.choice = fastest_fitting(plan, trace, at) or least
             break
-        if batch == 1:
+        if batch == 1 or cfg.resume_from_checkpoint:  # a resumed run must keep its batch geometry
             break
         if least.parts["base weights"] + least.parts["adapters + optimizer state"] > budget:
             batch, accumulation = 1, accumulation * batch  # weights alone are over: only the smallest is worth naming
@@ -417,9 +433,11 @@ def make_plan(
         # The same samples per optimizer step: halve an even micro-batch, else go to 1.
         batch, accumulation = (batch // 2, accumulation * 2) if batch % 2 == 0 else (1, accumulation * batch)
     chosen = plan.choice.setting if plan.choice else None
-    if compile_budgets and cfg.compile and chosen and chosen.checkpointed_layers and not chosen.offload:
+    shown = compile_budgets and cfg.compile and compile_budget is None  # a config with its own budget keeps it
+    if shown and chosen and chosen.checkpointed_layers and not chosen.offload:
         b, a = chosen.batch_size, chosen.gradient_accumulation_steps
-        none_, every = traced[Setting(b, a, 0, False, True)], traced[Setting(b, a, n, False, True)]
+        none_ = traced[Setting(b, a, 0, False, True, compile_budget)]
+        every = traced[Setting(b, a, n, False, True, compile_budget)]
         share = math.floor(20 * (budget - every.total) / max(none_.total - every.total, 1)) / 20
         for _ in range(2):  # activations shrink about linearly with the budget; one step down if not
             if share <= 0 or plan.fits(trace(Setting(b, a, 0, False, True, round(share, 2)))):
@@ -430,27 +448,28 @@ def make_plan(
     return plan
 
 
-def fastest_fitting(plan: Plan, trace, batch: int, accumulation: int, compile_: bool) -> Estimate | None:
+def fastest_fitting(plan: Plan, trace, at: Callable[[int, bool], Setting]) -> Estimate | None:
     """No checkpointing if it fits; else the fewest checkpointed layers that fit (interpolated between none and
-    all, since each checkpointed layer frees about the same memory, then traced up or down); else None."""
+    all, since each checkpointed layer frees about the same memory, then traced up or down); else None.
+    ``at(layers, offload)`` is the setting with that many checkpointed layers at the batch being tried."""
     n = plan.num_layers
-    none_ = trace(Setting(batch, accumulation, 0, False, compile_))
+    none_ = trace(at(0, False))
     if plan.fits(none_):
         return none_
-    every = trace(Setting(batch, accumulation, n, False, compile_))
+    every = trace(at(n, False))
     if not plan.fits(every):
         return None
     freed_per_layer = max((none_.total - every.total) / n, 1)
     k = min(n, max(1, math.ceil((none_.total - plan.budget) / freed_per_layer)))
 
     def fits(layers: int) -> bool:
-        return plan.fits(trace(Setting(batch, accumulation, layers, False, compile_)))
+        return plan.fits(trace(at(layers, False)))
 
     while not fits(k):
         k += 1  # ends at n at the latest, which fits
     while k > 1 and fits(k - 1):
         k -= 1  # none (k = 0) does not fit
-    return trace(Setting(batch, accumulation, k, False, compile_))
+    return trace(at(k, False))
 
 
 def count_layers(model_cfg) -> int:

@@ -28,8 +28,10 @@ def budget_for(value: str, device: str) -> int:
         return size
     import torch
 
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise UserError(f"memory_budget auto needs a CUDA GPU (device is {device}); give a size instead, e.g. 24GiB")
+    if not device.startswith("cuda"):
+        raise UserError(f"a memory budget of auto needs a CUDA device (device is {device}); give a size, e.g. 24GiB")
+    if not torch.cuda.is_available():
+        raise UserError("a memory budget of auto reads the GPU's free memory, but no CUDA GPU is visible; give a size")
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     return free
 
@@ -82,7 +84,7 @@ def report(plan: memory.Plan, source: str, cfg) -> str:
     if plan.budget is None:
         lines += ["", "No budget: pass --gpu-memory 24GiB (or run where a GPU is visible) to choose settings."]
         return "\n".join(lines)
-    lines += ["", f"Candidates for {gib(plan.budget)}, fastest first (relative step time from the H200 runs):"]
+    lines += ["", f"Candidates for {gib(plan.budget)}, in the order tried (step time relative to no checkpointing):"]
     for e in plan.candidates:
         verdict = "fits" if plan.fits(e) else f"over by {gib(e.total - plan.budget)}"
         time_ = memory.relative_step_time(e.setting, n)
@@ -99,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         gpu_memory = None
+        for i, arg in enumerate(argv):
+            if arg.startswith("--gpu-memory="):
+                argv[i : i + 1] = ["--gpu-memory", arg.split("=", 1)[1]]
+                break
         if "--gpu-memory" in argv:
             i = argv.index("--gpu-memory")
             if i + 1 >= len(argv):

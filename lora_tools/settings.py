@@ -40,6 +40,8 @@ def setting(doc: str, default: Any = _REQUIRED, **rules: Any) -> Any:
 POSITIVE = (lambda v: v > 0, "greater than 0")
 SEED_RANGE = (lambda v: 0 <= v < 2**32, "from 0 to 4294967295")  # torchtune's range
 DTYPES = (lambda v: v in ("bf16", "fp32"), "bf16 or fp32")
+BUDGET = (lambda v: v == "auto" or parse_size(v) is not None, "auto or a size like 24GiB, 16GB or 8000MiB")
+SHARE = (lambda v: 0 <= v <= 1, "from 0 to 1")
 
 SIZE_UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
 
@@ -53,7 +55,7 @@ def parse_size(text: str) -> int | None:
                 value = float(t[: -len(unit)])
             except ValueError:
                 return None
-            return int(value * scale) if value > 0 else None
+            return int(value * scale) if 0 < value < float("inf") else None
     return None
 
 
@@ -101,7 +103,7 @@ class RecipeSettings:
     compile_memory_budget: float | None = setting(
         "with compile: keep at most this share (0-1) of the saved activations, recompute the rest; null: 1",
         None,
-        rule=(lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+        rule=SHARE,
     )
     activation_checkpointing_layers: int | None = setting(
         "with enable_activation_checkpointing: checkpoint this many layers, spread evenly; null: all",
@@ -111,7 +113,7 @@ class RecipeSettings:
     memory_budget: str | None = setting(
         "auto (free GPU memory) or a size like 24GiB: use the fastest settings that fit; null: as written",
         None,
-        rule=(lambda v: v == "auto" or parse_size(v) is not None, "auto or a size like 24GiB, 16GB or 8000MiB"),
+        rule=BUDGET,
     )
     seed: int | None = setting("seed for the adapter's init and the data order; null: random", None, rule=SEED_RANGE)
     shuffle: bool = setting("shuffle the training data each epoch", True)
@@ -200,7 +202,7 @@ def _plain_value(source: str, key: str, value: Any, f: dataclasses.Field) -> Any
     if fits is False or (rule and value is not None and not rule[0](value)):
         expected = _describe(_without_none(f.type))
         if rule:
-            expected = rule[1] if rule is DTYPES else f"{expected} {rule[1]}"
+            expected = rule[1] if rule in (DTYPES, BUDGET) else f"{expected} {rule[1]}"
         if _allows_none(f.type):
             expected += " (or null)"
         raise _bad_value(source, key, value, expected)

@@ -68,12 +68,13 @@ def test_overhead_covers_every_measured_reserved_memory():
 
 
 def test_tiny_prediction_equals_the_profilers_count_of_a_real_run(tmp_path):
-    """Two optimizer steps of the real recipe on the tiny model (CPU, eager); torch.profiler records every CPU
-    allocation and free from before the model is built, so the running sum at each moment is the live tensor
-    memory. Its largest value during the steps is the peak the plan predicts."""
+    """Two optimizer steps of the real recipe on the tiny model (CPU, eager, checkpointing 2 of its 4 layers);
+    torch.profiler records every CPU allocation and free from before the model is built, so the running sum at
+    each moment is the live tensor memory. Its largest value during the steps is the peak the plan predicts."""
     from lora_finetune_single_device import LoRAFinetuneRecipe
 
     argv = ["configs/tiny.yaml", f"output_dir={tmp_path}", "val_dataset=null", "sample_prompts=[]"]
+    argv += ["enable_activation_checkpointing=True", "activation_checkpointing_layers=2"]  # 2 of the 4 layers
     cfg = load_config(["--config", *argv])
 
     class NoProfiler:
@@ -96,7 +97,8 @@ def test_tiny_prediction_equals_the_profilers_count_of_a_real_run(tmp_path):
         if steps.start_ns() <= e.start_ns() <= steps.end_ns():
             measured = max(measured, live)
 
-    setting = memory.Setting(shape[0], 1, 0, False, False)
+    assert [type(layer).__name__ for layer in recipe._model.layers].count("CheckpointWrapper") == 2
+    setting = memory.Setting(shape[0], 1, 2, False, False)
     predicted = memory.estimate(recipe.cfg, setting, shape[1], trained / (shape[0] * shape[1])).peak
     print(f"tiny: predicted {predicted / 2**20:.3f} MiB, profiler {measured / 2**20:.3f} MiB")
     assert measured > 10 * 2**20
@@ -168,15 +170,35 @@ def test_plan_prints_for_every_shipped_config_in_under_a_minute(config, capsys):
     assert seconds < 60, seconds
 
 
-@pytest.mark.parametrize("text, size", [("24GiB", 24 * GIB), ("16GB", 16 * 10**9), ("1.5 gib", int(1.5 * GIB))])
+@pytest.mark.parametrize(
+    "text, size", [("24GiB", 24 * GIB), ("16GB", 16 * 10**9), ("1.5 gib", int(1.5 * GIB)), ("infGiB", None)]
+)
 def test_sizes(text, size):
     assert settings.parse_size(text) == size
 
 
+def test_gradient_accumulation_keeps_the_adapters_gradients_alive():
+    cfg = parsed("configs/tiny.yaml")
+    one = memory.estimate(cfg, memory.Setting(4, 1, 0, False, False), 64)
+    four = memory.estimate(cfg, memory.Setting(4, 4, 0, False, False), 64)
+    adapter_bytes = sum(
+        p.numel() * 4 for p in memory.fake_model(cfg.model, torch.float32, _fake()).parameters() if p.requires_grad
+    )
+    assert four.peak - one.peak == adapter_bytes
+
+
+def _fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
 def test_a_bad_budget_is_one_line():
-    with pytest.raises(UserError, match="memory_budget.*auto or a size like 24GiB"):
+    with pytest.raises(UserError, match="memory_budget is .*, but it must be auto or a size like 24GiB"):
         parsed("configs/tiny.yaml", "memory_budget=lots")
-    with pytest.raises(UserError, match="memory_budget auto needs a CUDA GPU"):
+    with pytest.raises(UserError, match=r"compile_memory_budget is 2, but it must be a number from 0 to 1 \(or null\)"):
+        parsed("configs/tiny.yaml", "compile_memory_budget=2")
+    with pytest.raises(UserError, match="a memory budget of auto needs a CUDA device"):
         plan.budget_for("auto", "cpu")
     assert math.isclose(memory.RECOMPUTE_COST, 31_206 / 22_134 - 1)
 
