@@ -10,17 +10,8 @@
 # another BENCHMARKS.md table (gpu_check_fsdp.sh uses gpu-fsdp); BENCH_ARGS adds bench.run options to every run
 # (BENCH_ARGS="--train-on-input false").
 set -u
-out=${OUT:-/tmp/bench-out}
-results=${OUT:+$OUT/results}
-results=${results:-bench/results}
 per_run=${PER_RUN_TIMEOUT:-165}
-mkdir -p "$out" "$results"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-python3 -c "import torch, torchtune, torchao, datasets; print(torch.__version__, torchtune.__version__, torchao.__version__, datasets.__version__)"
-python3 -m lora_tools.tiny_assets --out assets/tiny
-python3 -c "from bench.run import build_model; build_model('3b', 'cuda')"
+source "$(dirname "$0")/gpu_setup.sh"
 for spec in "$@"; do
   set -- $spec
   name="$1-${2//+/_}"

@@ -11,16 +11,8 @@
 # to $OUT/results/ (copy them into bench/results/ and run python -m bench.report: BENCHMARKS.md's gpu-plan
 # table); the last lines of each run's console go to $OUT.
 set -u
-out=${OUT:-/tmp/bench-out}
-results=${OUT:+$OUT/results}
-results=${results:-bench/results}
 per_run=${PER_RUN_TIMEOUT:-150}
-mkdir -p "$out" "$results"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-python3 -m lora_tools.tiny_assets --out assets/tiny
-python3 -c "from bench.run import build_model; build_model('3b', 'cuda')"
+source "$(dirname "$0")/gpu_setup.sh"
 common=(--device cuda --model 3b --stacks ours --variants default --steps 20 --timeout "$per_run")
 common+=(--results-dir "$results" --table gpu-plan)
 for budget in "$@"; do
