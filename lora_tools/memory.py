@@ -4,9 +4,9 @@ The model is built from the config with no storage (the meta device, then fake t
 sizes, no data), set up as the recipe sets it up (compile, activation checkpointing of some or all layers,
 offloading), and one training step (the recipe's own loss, ``lora_tools.decoder.loss_sum``, backward and the
 optimizer step, after an optimizer step on zero gradients that creates its state, as a second step finds it)
-runs on it while a dispatch mode adds up the bytes of every tensor storage alive. Compiled layers and loss are traced by
-Dynamo with the partitioner inductor uses (backend ``aot_eager_decomp_partition``), so the activations kept for
-backward are the ones the compiled step keeps, not the eager ones. Offloading is replayed with the rule of
+runs on it while a dispatch mode adds up the bytes of every tensor storage alive. Compiled layers and loss are
+traced by Dynamo with the partitioner inductor uses (backend ``aot_eager_decomp_partition``), so the activations
+kept for backward are the ones the compiled step keeps, not the eager ones. Offloading is replayed with the rule of
 torchtune's ``OffloadActivations``: a saved tensor of 1 KiB or more that is not a parameter leaves the GPU in
 forward and comes back for backward.
 
@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -106,7 +105,6 @@ class Estimate:
 
     setting: Setting
     parts: dict[str, int]
-    seconds: float = 0.0
     gradient_bytes: int = 0  # of the trainable parameters
 
     @property
@@ -227,14 +225,16 @@ def is_qlora(model_cfg) -> bool:
     return bool(model_cfg.get("quantize_base", False)) or ".qlora_" in str(model_cfg._component_)
 
 
-def fake_model(model_cfg, dtype: torch.dtype, fake: FakeTensorMode) -> nn.Module:
-    """The configured model with fake weights: built on meta, given fake CPU storage; LoRA params train.
-
-    A QLoRA model is built unquantized (torchao's NF4 tensors do not run on fake tensors); ``estimate`` counts
-    its layers' linear weights at NF4's size.
-    """
+def meta_model(model_cfg, dtype: torch.dtype) -> nn.Module:
+    """The configured model on the meta device (shapes only). A QLoRA model is built unquantized: torchao's NF4
+    tensors do not run on fake tensors, so the trace counts its frozen linear weights at NF4's size instead."""
     with training.set_default_dtype(dtype), torch.device("meta"):
-        model = config.instantiate(model_cfg, **({"quantize_base": False} if is_qlora(model_cfg) else {}))
+        return config.instantiate(model_cfg, **({"quantize_base": False} if is_qlora(model_cfg) else {}))
+
+
+def fake_model(model_cfg, dtype: torch.dtype, fake: FakeTensorMode) -> nn.Module:
+    """The configured model with fake weights: built on meta, given fake CPU storage; LoRA params train."""
+    model = meta_model(model_cfg, dtype)
     with fake:
         model.to_empty(device="cpu")
         for module in model.modules():
@@ -277,17 +277,14 @@ def estimate(cfg, setting: Setting, seq_len: int, trained_fraction: float = 1.0)
 
 
 def _trace(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Estimate:
-    t0 = time.perf_counter()
-    dtype = training.get_dtype(cfg.dtype, device=torch.device("cpu"))
+    """``_trace_step`` with torchtune's compile helpers pointed at the tracing backend and compile's budget set."""
     torch._dynamo.reset()  # compiled code of an earlier estimate was traced with other settings
-    live = LiveBytes()
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
     backend = os.environ.get("TORCH_COMPILE_BACKEND")
     os.environ["TORCH_COMPILE_BACKEND"] = TRACE_BACKEND  # read by torchtune's compile_model and compile_loss
     budget = 1.0 if setting.compile_memory_budget is None else setting.compile_memory_budget
     try:
         with torch._functorch.config.patch(activation_memory_budget=budget):
-            return _trace_step(cfg, setting, seq_len, trained_fraction, dtype, live, fake, t0)
+            return _trace_step(cfg, setting, seq_len, trained_fraction)
     finally:
         if backend is None:
             os.environ.pop("TORCH_COMPILE_BACKEND", None)
@@ -296,9 +293,10 @@ def _trace(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Esti
         torch._dynamo.reset()
 
 
-def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float, dtype, live, fake, t0) -> Estimate:
-    """Build, set up and run one step under ``live``; the peak's bytes by part."""
-    model = fake_model(cfg.model, dtype, fake)
+def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Estimate:
+    """Build, set up and run one step while counting; the peak's bytes by part."""
+    live, fake = LiveBytes(), FakeTensorMode(allow_non_fake_inputs=True)
+    model = fake_model(cfg.model, training.get_dtype(cfg.dtype, device=torch.device("cpu")), fake)
     with fake:
         linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) or hasattr(m, "lora_a")]
         frozen = [m.weight for m in linears if not m.weight.requires_grad]  # not LoRA's own lora_a / lora_b
@@ -348,7 +346,7 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float, dt
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     parts = {part: live.peak_parts.get(part, 0) for part in PARTS}
-    return Estimate(setting, parts, time.perf_counter() - t0, sum(p.nbytes for p in params))
+    return Estimate(setting, parts, sum(p.nbytes for p in params))
 
 
 @dataclass
@@ -379,13 +377,14 @@ def relative_step_time(setting: Setting, num_layers: int) -> float | None:
 
 
 def make_plan(
-    cfg, budget: int | None, seq_len: int, trained_fraction: float = 1.0, log=None, compile_budgets: bool = False
+    cfg, budget: int | None, seq_len: int, trained_fraction: float = 1.0, compile_budgets: bool = False
 ) -> Plan:
     """Trace the config as given and, with a budget, find the fastest setting that fits.
 
-    Search, fastest first: no checkpointing; the fewest checkpointed layers that fit (interpolated between
-    none and all, then traced); all layers plus offloading; then the same at half the micro-batch with twice
-    the gradient accumulation (the same update, see the recipe), down to a batch of 1.
+    Preferred in this order (fastest first at each micro-batch, by RECOMPUTE_COST): no checkpointing; the fewest
+    checkpointed layers that fit (interpolated between none and all, then traced); all layers plus offloading;
+    then the same at half the micro-batch with twice the gradient accumulation (the same update, see the
+    recipe), down to a batch of 1.
 
     ``compile_budgets`` also traces compile's own activation memory budget where checkpointing was needed: the
     largest budget (in steps of 0.05) that fits. It is shown, not chosen: its speed is not measured yet.
@@ -395,9 +394,6 @@ def make_plan(
     def trace(setting: Setting) -> Estimate:
         if setting not in traced:
             traced[setting] = estimate(cfg, setting, seq_len, trained_fraction)
-            if log:
-                e = traced[setting]
-                log(f"  {setting.describe(n)}: peak {e.peak / GIB:.1f} GiB, with overhead {e.total / GIB:.1f} GiB")
         return traced[setting]
 
     n = count_layers(cfg.model)
@@ -443,7 +439,8 @@ def make_plan(
             if share <= 0 or plan.fits(trace(Setting(b, a, 0, False, True, round(share, 2)))):
                 break
             share -= 0.05
-    speed = lambda e: (-e.setting.batch_size, relative_step_time(e.setting, n) or 9, e.setting.offload)  # noqa: E731
+    unknown = math.inf  # a candidate of unmeasured speed goes last at its batch
+    speed = lambda e: (-e.setting.batch_size, relative_step_time(e.setting, n) or unknown, e.setting.offload)  # noqa: E731
     plan.candidates = sorted(traced.values(), key=speed)
     return plan
 
@@ -473,7 +470,5 @@ def fastest_fitting(plan: Plan, trace, at: Callable[[int, bool], Setting]) -> Es
 
 
 def count_layers(model_cfg) -> int:
-    """The number of transformer layers the config builds (on meta: no memory)."""
-    with torch.device("meta"):
-        model = config.instantiate(model_cfg, **({"quantize_base": False} if is_qlora(model_cfg) else {}))
-    return len(model.layers)
+    """The number of transformer layers the config builds."""
+    return len(meta_model(model_cfg, torch.float32).layers)

@@ -84,7 +84,8 @@ def report(plan: memory.Plan, source: str, cfg) -> str:
     if plan.budget is None:
         lines += ["", "No budget: pass --gpu-memory 24GiB (or run where a GPU is visible) to choose settings."]
         return "\n".join(lines)
-    lines += ["", f"Candidates for {gib(plan.budget)}, in the order tried (step time relative to no checkpointing):"]
+    header = f"Candidates for {gib(plan.budget)}, in order of preference (step time relative to no checkpointing):"
+    lines += ["", header]
     for e in plan.candidates:
         verdict = "fits" if plan.fits(e) else f"over by {gib(e.total - plan.budget)}"
         time_ = memory.relative_step_time(e.setting, n)
