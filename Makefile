@@ -44,7 +44,7 @@ $(HFVENV)/.installed: requirements-hf.txt
 	@touch $@
 
 assets: $(TINY)/model.safetensors
-$(TINY)/model.safetensors: lora_tools/tiny_assets.py $(VENV)/.installed
+$(TINY)/model.safetensors: lora_tools/tiny_assets.py lora_tools/demo/assets.py $(VENV)/.installed
 	$(BIN)/python -m lora_tools.tiny_assets --out $(TINY)
 
 demo: install assets

@@ -7,7 +7,7 @@ Launch from the repository root, one process per GPU:
 Across several machines, torchrun's rendezvous options come before the recipe (see README, "Several GPUs").
 
 Every process runs the recipe class of lora_finetune_single_device.py with the FSDP2 strategy
-(lora_tools.parallel) in place of the one-device one. Config keys, outputs, checkpoints, exact resume and
+(lora_tools.train.parallel) in place of the one-device one. Config keys, outputs, checkpoints, exact resume and
 preflight are the same. What the strategy changes:
 
 - Processes: torchrun starts them; NCCL connects them on CUDA, gloo on the CPU.
@@ -30,38 +30,36 @@ import sys
 from datetime import timedelta
 
 import torch.distributed as dist
-from omegaconf import DictConfig
-from torchtune import config, training, utils
+from torchtune import training, utils
 
 from lora_finetune_single_device import LoRAFinetuneRecipe, log
-from lora_tools import settings
+from lora_tools.config.loader import Loaded
 from lora_tools.errors import UserError
-from lora_tools.launch import recipe_main
-from lora_tools.parallel import FSDP2
+from lora_tools.train.launch import recipe_main
+from lora_tools.train.parallel import FSDP2
 
 
 @recipe_main
-def main(cfg: DictConfig) -> None:
+def main(config: Loaded) -> None:
     """LoRA finetuning with FSDP2. Usage: tune run --nproc_per_node N lora_finetune_distributed.py --config FILE"""
     if "LOCAL_RANK" not in os.environ:
         raise UserError(
             "lora_finetune_distributed.py runs under torchrun: tune run --nproc_per_node N "
             "lora_finetune_distributed.py --config ... (for one GPU, use lora_finetune_single_device.py)"
         )
-    s = settings.parse(cfg, source="config")
+    s = config.settings
     device = utils.get_device(s.device)
     backend = training.get_distributed_backend(device.type, s.fsdp_cpu_offload)
     # 30 minutes (NCCL's default is 10): the others wait while the first process writes the merged model.
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     try:
         strategy = FSDP2(device, s.fsdp_cpu_offload, reshard_after_forward=s.fsdp_reshard_after_forward)
-        if strategy.is_main:
-            config.log_config(recipe_name="LoRAFinetuneRecipe (FSDP2)", cfg=cfg)
-        else:
+        if not strategy.is_main:
             log.setLevel(logging.ERROR)  # one copy of the log and its warnings, from the first process
-        recipe = LoRAFinetuneRecipe(cfg=cfg, strategy=strategy)
-        recipe.setup(cfg=cfg)
+        recipe = LoRAFinetuneRecipe(config.cfg, s, strategy=strategy)
+        recipe.setup()
         recipe.train()
+        recipe.finish()
         recipe.cleanup()
         if strategy.is_main:
             print(recipe.summary(), flush=True)

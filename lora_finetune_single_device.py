@@ -4,10 +4,11 @@ Launch from the repository root:
 
     tune run lora_finetune_single_device.py --config lora_finetune_single_device.yaml [key=value ...]
 
-The class below implements torchtune's FTRecipeInterface; its methods read in the order they run:
-__init__ -> setup (resume state, data, model, optimizer, schedule, logger) -> train (-> train_step ->
-forward_backward, validation, samples, save_checkpoint) -> cleanup. Every component comes from the YAML config
-via ``config.instantiate``; every other key is declared, typed and documented in lora_tools.settings.
+The class below implements torchtune's FTRecipeInterface; its methods read in the order they run: __init__ ->
+setup (resume state, data, model, optimizer, schedule, logger) -> train (train_step -> forward_backward, validation,
+samples, save_checkpoint) -> finish (held-out loss, samples, eval_tasks, plot, card) -> cleanup. Every component
+comes from the YAML config via ``config.instantiate``; every other key is declared, typed and documented in
+lora_tools.config.settings.
 
 Checkpoints (every ``save_every_n_steps``, at the end, and on SIGINT/SIGTERM) go to output_dir/checkpoints/
 step_N/: the PEFT adapter and everything needed to resume exactly; the last one of a run also holds the merged
@@ -28,32 +29,27 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params, validate_missing_and_unexpected_for_lora
 from torchtune.recipe_interfaces import FTRecipeInterface
 
-from lora_tools import (
-    checkpoints,
-    harness,
-    hf_export,
-    memory,
-    model_card,
-    model_checks,
-    plots,
-    provenance,
-    report,
-    rng,
-    settings,
-)
-from lora_tools.adapter_init import initial_adapter_weights
-from lora_tools.batching import EvalShard, build_dataset, collate_for
-from lora_tools.decoder import Trunk, loss_sum
+from lora_tools import checkpoints, memory
+from lora_tools.checkpoints import model_checks, provenance
+from lora_tools.config.loader import Loaded
+from lora_tools.config.settings import RecipeSettings
+from lora_tools.data import batching
 from lora_tools.errors import UserError
-from lora_tools.inference import PromptFormat, greedy, last_position_logits
-from lora_tools.launch import recipe_main
-from lora_tools.parallel import OneDevice
-from lora_tools.stopping import StopSignal
+from lora_tools.eval import harness
+from lora_tools.eval.inference import PromptFormat, greedy, last_position_logits
+from lora_tools.export import hf_export, model_card
+from lora_tools.train import decoder, plots, report, rng, tracking
+from lora_tools.train.adapter_init import initial_adapter_weights
+from lora_tools.train.decoder import Trunk
+from lora_tools.train.launch import recipe_main
+from lora_tools.train.model import prepare
+from lora_tools.train.parallel import OneDevice
+from lora_tools.train.steps import EarlyStopping, Steps
+from lora_tools.train.stopping import StopSignal
 
 log = utils.get_logger("INFO")
 PLOT_FILE = "training_curves.png"
@@ -66,28 +62,30 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
     processes), so ``batch_size=b, gradient_accumulation_steps=2`` updates exactly as ``batch_size=2b`` does.
     """
 
-    def __init__(self, cfg: DictConfig, strategy=None) -> None:
-        self.cfg = settings.parse(cfg, source="config")
+    def __init__(self, cfg: DictConfig, settings: RecipeSettings, strategy=None) -> None:
+        self._cfg, self.cfg = cfg, settings  # the config as given (for the logs), and its checked settings
         self._device = utils.get_device(device=self.cfg.device)
         self._dtype = training.get_dtype(self.cfg.dtype, device=self._device)
         self._strategy = strategy or OneDevice(self._device)
         self._provenance = provenance.provenance(cfg)
         self.seed = training.set_seed(seed=self.cfg.seed)
-        # Where training stands; a resumed run takes these from its checkpoint.
-        self.global_step, self.epochs_run, self._steps_done_in_epoch = 0, 0, 0  # the last: optimizer steps
+        # Where training stands; a resumed run takes these from its checkpoint (epochs: see Steps).
+        self.global_step, self._resume_at = 0, (0, 0)
         self.first_step_loss: float | None = None
-        self._best_val, self._evals_without_improvement = math.inf, 0
+        self._early_stopping = EarlyStopping(settings.early_stopping_patience)
         self._wandb_run_id: str | None = None
-        self.val_losses: dict[Any, float] = {}
+        self.val_before: float | None = None  # held-out loss before training and after it
+        self.val_after: float | None = None
+        self._last_val: tuple[int, float] | None = None  # (step, loss) of the latest validation
         self.history: list[dict[str, float]] = []  # per step: loss, lr, val_loss (the plot's data)
         self.eval_result: dict | None = None  # eval_tasks: base and finetuned scores, after training
         self.last_checkpoint: Path | None = None
         self.merged_model: Path | None = None  # written into the last checkpoint at the end of a finished run
-        self._stop_reason: str | None = None  # "signal" or "early stopping": finish the step, save, stop
+        self._stopped_by_signal = False  # saved and left at once: no validation, samples or merge after it
 
     # ---- setup: the cheap checks and the data first, the weights last ----
 
-    def setup(self, cfg: DictConfig) -> None:
+    def setup(self) -> None:
         c = self.cfg
         resume = self._load_resume_state() if c.resume_from_checkpoint else None
         model_checks.check_builder_matches_checkpoint(c.model, Path(c.checkpointer.checkpoint_dir))
@@ -99,10 +97,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._eval_tasks = harness.task_manager(c.eval_tasks, []) if c.eval_tasks else None  # a typo fails now
         self._loss_fn = config.instantiate(c.loss)
         if c.compile:
-            if c.compile_memory_budget is not None:  # read by the partitioner when the first step compiles
-                torch._functorch.config.activation_memory_budget = c.compile_memory_budget
             self._loss_fn = training.compile_loss(self._loss_fn)
-        self._dataloader = self._setup_data(c.dataset, shuffle=c.shuffle)
+        self._dataloader = self._setup_data(c.dataset)
         self._val_dataloader = self._setup_data(c.val_dataset, evaluation=True) if c.val_dataset else None
         # One optimizer step consumes gradient_accumulation_steps batches.
         self._steps_per_epoch = len(self._dataloader) // c.gradient_accumulation_steps
@@ -114,11 +110,14 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                 f"({c.gradient_accumulation_steps} batches); lower batch_size or gradient_accumulation_steps"
             )
         self._total_steps = c.epochs * self._steps_per_epoch
+        accumulation, shown = c.gradient_accumulation_steps, self._strategy.is_main
+        self._steps = Steps(self._dataloader, c.epochs, self._steps_per_epoch, accumulation, shown, *self._resume_at)
         if resume:  # a resumed cosine schedule of another length jumps to another learning rate: only on request
             checkpoints.check_same_schedule(resume, self.last_checkpoint, self._total_steps, c.allow_schedule_change)
 
         # The config is printed once the data is read: a mistake found above is the only line printed.
-        config.log_config(recipe_name="LoRAFinetuneRecipe", cfg=cfg)
+        if self._strategy.is_main:
+            config.log_config(recipe_name="LoRAFinetuneRecipe", cfg=self._cfg)
         self._checkpointer = config.instantiate(c.checkpointer)
         base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._model = self._setup_model(base, resume["adapter"] if resume else None)
@@ -134,7 +133,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             rng.set_state(resume["rng"][self._strategy.rank])  # last: after everything above that draws numbers
         # Last: a mistake found above leaves nothing in output_dir.
         self._metric_logger = self._strategy.metric_logger(self._build_metric_logger)
-        self._metric_logger.log_config(cfg)
+        self._metric_logger.log_config(self._cfg)
         enabled = c.profiler is not None and c.profiler.get("enabled", False)
         self._profiler = config.instantiate(c.profiler)[0] if enabled else training.DummyProfiler()
 
@@ -155,43 +154,25 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         log.info(f"Resuming from {folder} (step {state['global_step']}).")
         self.seed = training.set_seed(seed=state["seed"])  # the data order depends on it
         self.global_step = state["global_step"]
-        self.epochs_run = state["epoch"]
-        self._steps_done_in_epoch = state["steps_done_in_epoch"]
-        self.first_step_loss = state["first_step_loss"]
-        self._best_val = state["best_val"]
-        self._evals_without_improvement = state["evals_without_improvement"]
-        self._wandb_run_id = state["wandb_run_id"]
+        self._resume_at = (state["epoch"], state["steps_done_in_epoch"])
+        self.first_step_loss, self._wandb_run_id = state["first_step_loss"], state["wandb_run_id"]
+        self._early_stopping.best = state["best_val"]
+        self._early_stopping.evals_without_improvement = state["evals_without_improvement"]
         self.history = state.get("history", [])
         self.last_checkpoint = folder
         return state
 
-    def _setup_data(self, cfg_dataset, shuffle: bool = False, evaluation: bool = False) -> StatefulDataLoader:
-        """Training: a batch is ``batch_size x processes`` consecutive samples of one seeded shuffle, each process
-        taking its share, so keeping that product gives the same batches for any number of processes.
-        Evaluation: every sample once, in order, split across processes."""
-        world, rank = self._strategy.world_size, self._strategy.rank
-        ignore = self._loss_fn.ignore_index
+    def _setup_data(self, section, evaluation: bool = False) -> StatefulDataLoader:
+        """A dataset's batches (lora_tools.data.batching); its summary is logged before any weights load."""
+        c, s, ignore = self.cfg, self._strategy, self._loss_fn.ignore_index
         name = "val_dataset" if evaluation else "dataset"
-        built = build_dataset(cfg_dataset, self._tokenizer, ignore, name)
-        if self._strategy.is_main:  # what the data gives the model, before any weights load (lora_tools.data)
+        built = batching.build_dataset(section, self._tokenizer, ignore, name)
+        if s.is_main:
             built.summary.log(name)
-        ds = built.dataset
+        collate = batching.collate_for(built.packed, c.collate_fn, self._tokenizer.pad_id, ignore)
         if evaluation:
-            ds = EvalShard(ds, rank, world, ignore)
-            sampler = StatefulDistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)
-        else:
-            sampler = StatefulDistributedSampler(
-                ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=True
-            )
-        return StatefulDataLoader(
-            dataset=ds,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
-            collate_fn=collate_for(built.packed, self.cfg.collate_fn, self._tokenizer.pad_id, ignore),
-            drop_last=not evaluation,
-            pin_memory=self._device.type == "cuda",
-            generator=torch.Generator(),  # not the global one: a resumed run must draw what the first would
-        )
+            return batching.eval_dataloader(built, c.batch_size, collate, s.world_size, s.rank, ignore)
+        return batching.dataloader(built, c.batch_size, collate, s.world_size, s.rank, self.seed, c.shuffle)
 
     def _setup_model(self, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None):
         c = self.cfg
@@ -204,15 +185,13 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         dora = any(k.endswith("magnitude") for k in self._adapter_keys)
         self._adapter_spec = dataclasses.replace(hf_export.AdapterSpec.from_model_config(c.model), dora=dora)
         resuming = adapter is not None
-        if not resuming:  # drawn from the seed alone (see lora_tools.adapter_init), loaded like a resumed one
+        if not resuming:  # drawn from the seed alone (see lora_tools.train.adapter_init), loaded like a resumed one
             adapter = initial_adapter_weights(get_adapter_params(model), self.seed)
 
-        if c.compile:
-            training.compile_model(model)
-        if c.enable_activation_checkpointing:  # all layers, or activation_checkpointing_layers of them
-            memory.checkpoint_layers(model, c.activation_checkpointing_layers)
-        elif c.activation_checkpointing_layers:
+        if c.activation_checkpointing_layers and not c.enable_activation_checkpointing:
             log.warning("activation_checkpointing_layers is ignored: enable_activation_checkpointing is False")
+        checkpointed = c.activation_checkpointing_layers if c.enable_activation_checkpointing else 0  # None: all
+        prepare(model, c.compile, checkpointed)
         # The output layer (a 128k-wide matmul, most of a step's cost at small scale) runs only on the positions
         # that carry a label: the trunk stops at the final norm, and _forward_backward applies the head.
         self._trunk, self._head = Trunk(model), model.output
@@ -241,96 +220,78 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         return config.instantiate(cfg_lr_scheduler, self._optimizer, num_training_steps=num_training_steps)
 
     def _build_metric_logger(self):
-        """The config's logger; a resumed W&B run continues the checkpointed run (same id, steps go on). Its
-        config may differ from the run's first (resume_from_checkpoint=True, at least): W&B must accept that."""
-        is_wandb = str(self.cfg.metric_logger.get("_component_")).endswith("WandBLogger")
-        resume = {"id": self._wandb_run_id, "resume": "allow", "allow_val_change": True}
-        resume = resume if is_wandb and self._wandb_run_id else {}
-        logger = config.instantiate(self.cfg.metric_logger, **resume)
-        if is_wandb:
-            import wandb
-
-            self._wandb_run_id = wandb.run.id if wandb.run is not None else None
+        """The config's logger; a resumed W&B run continues the checkpointed run (lora_tools.train.tracking)."""
+        logger, self._wandb_run_id = tracking.build_logger(self.cfg.metric_logger, self._wandb_run_id)
         return logger
 
     # ---- training ----
 
     def train(self) -> None:
+        """One optimizer step per turn of the loop, then what the config asks for at that step; at the end (or on
+        Ctrl-C/SIGTERM, or early stopping) the last checkpoint, and the merged model unless stopped by a signal."""
         c = self.cfg
         if self.global_step == 0:
-            if self._strategy.is_main:
-                aside = checkpoints.set_aside_earlier_run(c.output_dir)
-                if aside:
-                    log.warning(f"{c.output_dir} held checkpoints of an earlier run: moved them to {aside}.")
-            self.val_losses["before"] = self._validate()
-            if c.sample_every_n_steps:
-                self._generate_samples()  # the base's answers, to read beside the trained ones
+            self._before_training()
         if c.compile:
             log.info("torch.compile is on: the first step compiles the model and is slow.")
-
         self._optimizer.zero_grad(set_to_none=True)
-        samples_per_step = c.batch_size * c.gradient_accumulation_steps
-        with self._profiler as prof, StopSignal(announce=self._strategy.is_main) as stop:
-            for curr_epoch in range(self.epochs_run, c.epochs):
-                if self._steps_done_in_epoch >= self._steps_per_epoch:  # resumed past a now shorter epoch
-                    self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
-                    continue
-                self._dataloader.sampler.set_epoch(curr_epoch)
-                # Resuming mid-epoch: skip the samples the checkpointed run already trained on.
-                self._dataloader.sampler.load_state_dict({"yielded": self._steps_done_in_epoch * samples_per_step})
-                epoch_steps = (curr_epoch, self._steps_done_in_epoch, self._steps_per_epoch)
-                with report.progress_bar(*epoch_steps, shown=self._strategy.is_main) as pbar:
-                    micro_batches, t0 = [], time.perf_counter()
-                    for batch in self._dataloader:
-                        micro_batches.append(batch)
-                        if len(micro_batches) < c.gradient_accumulation_steps:
-                            continue
-                        metrics = self.train_step(micro_batches, prof)
-                        micro_batches = []
-                        metrics["tokens_per_second"] = metrics["trained_tokens"] / (time.perf_counter() - t0)
-                        self._steps_done_in_epoch += 1
-                        pbar.update(1)
-                        loss, tok_s = metrics.get("loss", math.nan), metrics["tokens_per_second"]
-                        pbar.set_postfix(step=self.global_step, loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                        self.history.append({"step": self.global_step, "loss": loss, "lr": metrics["lr"]})
-                        if self.global_step % c.log_every_n_steps == 0:
-                            if c.log_peak_memory_stats:
-                                metrics.update(report.memory_stats(self._device))
-                            self._metric_logger.log_dict(metrics, step=self.global_step)
-
-                        epoch_done = self._steps_done_in_epoch >= self._steps_per_epoch
-                        if epoch_done:
-                            self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0
-                        # A signal seen by any process stops all of them, here and only here, so that every process
-                        # takes the same path (and the same collectives) from now on.
-                        if self._strategy.sum(torch.tensor(int(stop.requested))):
-                            self._stop_reason = "signal"  # save and leave quickly: no validation or samples now
-                            break
-                        if c.run_val_every_n_steps and self.global_step % c.run_val_every_n_steps == 0:
-                            self._validate()
-                        if c.sample_every_n_steps and self.global_step % c.sample_every_n_steps == 0:
-                            self._generate_samples()
-                        if self._stop_reason:
-                            break
-                        if c.save_every_n_steps and self.global_step % c.save_every_n_steps == 0:
-                            self.save_checkpoint()
-                        t0 = time.perf_counter()
-                        if epoch_done:
-                            break
-                if self._stop_reason:
+        budget = memory.compile_budget(c.compile_memory_budget)  # read when the first step compiles
+        with self._profiler as prof, StopSignal(announce=self._strategy.is_main) as stop, self._steps as steps, budget:
+            t0 = time.perf_counter()
+            for micro_batches in steps:
+                self._log_step(self.train_step(micro_batches, prof), time.perf_counter() - t0)
+                # A signal seen by any process stops all of them, here and only here, so that every process
+                # takes the same path (and the same collectives) from now on.
+                if self._strategy.sum(torch.tensor(int(stop.requested))):
+                    self._stopped_by_signal = True  # save and leave quickly: no validation or samples now
                     break
-                self.epochs_run, self._steps_done_in_epoch = curr_epoch + 1, 0  # also when the data ran out early
-
+                val_loss = self._validate() if self._due(c.run_val_every_n_steps) else None
+                if self._due(c.sample_every_n_steps):
+                    self._generate_samples()
+                if val_loss is not None and self._early_stopping.should_stop(val_loss, self.global_step):
+                    break
+                if self._due(c.save_every_n_steps):
+                    self.save_checkpoint()
+                t0 = time.perf_counter()
             # Still under StopSignal: a signal now waits for the save (a second Ctrl-C quits at once).
             if self.last_checkpoint is None or self.last_checkpoint.name != checkpoints.step_name(self.global_step):
                 self.save_checkpoint()
-            if self._stop_reason != "signal" and not c.save_adapter_weights_only:
+            if not self._stopped_by_signal and not c.save_adapter_weights_only:
                 self._write_merged_model()
-        if self._stop_reason == "signal":
+
+    def _before_training(self) -> None:
+        """A new run: earlier checkpoints in output_dir set aside; the base's held-out loss and answers."""
+        if self._strategy.is_main:
+            aside = checkpoints.set_aside_earlier_run(self.cfg.output_dir)
+            if aside:
+                log.warning(f"{self.cfg.output_dir} held checkpoints of an earlier run: moved them to {aside}.")
+        self.val_before = self._validate()
+        self._early_stopping.best = math.inf if self.val_before is None else self.val_before
+        if self.cfg.sample_every_n_steps:
+            self._generate_samples()  # the base's answers, to read beside the trained ones
+
+    def _due(self, every_n_steps: int | None) -> bool:
+        return bool(every_n_steps) and self.global_step % every_n_steps == 0
+
+    def _log_step(self, metrics: dict[str, float], seconds: float) -> None:
+        metrics["tokens_per_second"] = metrics["trained_tokens"] / seconds
+        loss = metrics.get("loss", math.nan)
+        self._steps.show(step=self.global_step, loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_second']:,.0f}")
+        self.history.append({"step": self.global_step, "loss": loss, "lr": metrics["lr"]})
+        if self.global_step % self.cfg.log_every_n_steps == 0:
+            if self.cfg.log_peak_memory_stats:
+                metrics.update(report.memory_stats(self._device))
+            self._metric_logger.log_dict(metrics, step=self.global_step)
+
+    def finish(self) -> None:
+        """After training: the held-out loss and sample answers of the trained model, eval_tasks scores, the plot
+        and the model card. Skipped after a stop signal: the run is meant to resume, not to be judged."""
+        if self._stopped_by_signal:
             log.info(f"Stopped at step {self.global_step}; resume with resume_from_checkpoint=True.")
             return
-        self.val_losses["after"] = self.val_losses.get(self.global_step) or self._validate()
-        if not c.sample_every_n_steps or self.global_step % c.sample_every_n_steps:
+        step, loss = self._last_val or (None, None)
+        self.val_after = loss if step == self.global_step else self._validate()
+        if not self._due(self.cfg.sample_every_n_steps):
             self._generate_samples()  # at the end too, unless this step just sampled
         if self._eval_tasks is not None:
             self._run_eval_tasks()
@@ -343,19 +304,11 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if self._strategy.world_size > 1:
             log.warning("eval_tasks runs on one device: after training run python -m lora_tools.evaluate")
             return
-        settings_ = harness.EvalSettings(tasks=list(c.eval_tasks), limit=c.eval_limit, seed=self.seed)
-        self._model.eval()
-        scored = {
-            kind: harness.score(self._model, self._tokenizer, self._prompt_format, settings_, self._eval_tasks, base)
-            for kind, base in (("base", True), ("finetuned", False))
-        }
-        self._model.train()
-        self.eval_result = harness.report(settings_, self._prompt_format, scored["base"], scored["finetuned"])
+        settings = harness.EvalSettings(tasks=list(c.eval_tasks), limit=c.eval_limit, seed=self.seed)
+        model, tokenizer, prompts = self._model, self._tokenizer, self._prompt_format
+        self.eval_result = harness.score_with_and_without_adapter(model, tokenizer, prompts, settings, self._eval_tasks)
         harness.write_report(self.last_checkpoint, self.eval_result)
-        if type(self._metric_logger).__name__ == "WandBLogger":
-            import wandb
-
-            wandb.run.summary.update(harness.summary_keys(self.eval_result))
+        tracking.update_summary(self._metric_logger, harness.summary_keys(self.eval_result))
 
     def _write_plot_and_card(self) -> None:
         """training_curves.png next to the logs, and the adapter folder's model card (with a copy of the plot)."""
@@ -363,22 +316,22 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         logs = Path(c.metric_logger.get("log_dir") or c.output_dir)
         plot = plots.write_training_plot(self.history, logs / PLOT_FILE, title=Path(c.output_dir).name)
         shutil.copyfile(plot, self.last_checkpoint / checkpoints.ADAPTER / PLOT_FILE)
-        before, after = self.val_losses.get("before"), self.val_losses.get("after")
+        before, after = self.val_before, self.val_after
         loss_rows = [("before", before), ("after", after)] if before is not None and after is not None else None
         rows = self.eval_result["rows"] if self.eval_result else None
         model_card.run_card(c, self.last_checkpoint, loss_rows, rows, PLOT_FILE)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], prof) -> dict[str, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the step's metrics."""
-        loss_sum = torch.zeros((), device=self._device)
+        step_loss = torch.zeros((), device=self._device)
         n_tokens = torch.zeros((), dtype=torch.long, device=self._device)
         for batch in micro_batches:
             batch_loss, batch_tokens = self.forward_backward(batch)
-            loss_sum, n_tokens = loss_sum + batch_loss.detach(), n_tokens + batch_tokens
+            step_loss, n_tokens = step_loss + batch_loss.detach(), n_tokens + batch_tokens
             prof.step()
         # Gradients so far are sums over this process's tokens. FSDP averages them over processes; scaling by
         # processes / all tokens makes them the per-token mean.
-        loss_sum, n_tokens = self._strategy.sum(loss_sum), self._strategy.sum(n_tokens)
+        step_loss, n_tokens = self._strategy.sum(step_loss), self._strategy.sum(n_tokens)
         training.scale_grads(self._model, self._strategy.world_size / n_tokens.clamp(min=1))
         grad_norm = self._strategy.grad_norm(self.adapter_params.values(), self.cfg.clip_grad_norm)
         if n_tokens > 0:  # no trained token on any process: no update (weight decay and momentum would move)
@@ -390,7 +343,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         n = int(n_tokens)
         metrics = {"lr": self._optimizer.param_groups[0]["lr"], "trained_tokens": n, "grad_norm": grad_norm.item()}
         if n:
-            metrics["loss"] = (loss_sum / n).item()
+            metrics["loss"] = (step_loss / n).item()
             self.first_step_loss = metrics["loss"] if self.first_step_loss is None else self.first_step_loss
         else:
             log.warning(f"Step {self.global_step} had no trained token (every label is masked): no update, no loss.")
@@ -399,14 +352,14 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of the summed per-token loss of one micro-batch; returns (loss sum, trained tokens)."""
         utils.batch_to_device(batch, self._device)
-        loss_sum, n_tokens = self._loss(batch)
-        loss_sum.backward()
-        return loss_sum, n_tokens
+        batch_loss, n_tokens = self._loss(batch)
+        batch_loss.backward()
+        return batch_loss, n_tokens
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of the per-token losses of one batch (output layer on labelled positions only), and its token
-        count: see lora_tools.decoder.loss_sum, which the memory plan traces too."""
-        return loss_sum(self._trunk, self._head, self._loss_fn, batch, self._activations_ctx)
+        count: see lora_tools.train.decoder.loss_sum, which the memory plan traces too."""
+        return decoder.loss_sum(self._trunk, self._head, self._loss_fn, batch, self._activations_ctx)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -417,30 +370,19 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         total, n = torch.zeros((), device=self._device), torch.zeros((), device=self._device)
         for batch in self._val_dataloader:
             utils.batch_to_device(batch, self._device)
-            loss_sum, n_tokens = self._loss(batch)
-            total, n = total + loss_sum, n + n_tokens
+            batch_loss, n_tokens = self._loss(batch)
+            total, n = total + batch_loss, n + n_tokens
         self._model.train()
         return (self._strategy.sum(total) / self._strategy.sum(n).clamp(min=1)).item()
 
     def _validate(self) -> float | None:
-        """Validation loss at the current step: logged, remembered, and checked for early stopping."""
+        """The validation loss at the current step, logged and kept for the plot (None without val_dataset)."""
         val = self.evaluate()
         if val is None:
             return None
-        self.val_losses[self.global_step] = val
+        self._last_val = (self.global_step, val)
         self.history.append({"step": self.global_step, "val_loss": val})
         self._metric_logger.log_dict({"val_loss": val, "val_perplexity": math.exp(val)}, step=self.global_step)
-        if val < self._best_val:
-            self._best_val, self._evals_without_improvement = val, 0
-        else:
-            self._evals_without_improvement += 1
-            patience = self.cfg.early_stopping_patience
-            if patience and self._evals_without_improvement >= patience:
-                log.info(
-                    f"Early stopping at step {self.global_step}: no better validation loss in "
-                    f"{self._evals_without_improvement} evaluations (best {self._best_val:.4f})."
-                )
-                self._stop_reason = self._stop_reason or "early stopping"
         return val
 
     @torch.no_grad()
@@ -461,7 +403,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             rows.append((prompt, self._tokenizer.decode(ids)))
         self._model.train()
         if self._strategy.is_main:
-            report.log_samples(self._metric_logger, self.global_step, rows)
+            tracking.log_samples(self._metric_logger, self.global_step, rows)
 
     # ---- checkpoints ----
 
@@ -489,16 +431,16 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
             "world_size": self._strategy.world_size,
             "strategy": self._strategy.name,
-            "epoch": self.epochs_run,
-            "steps_done_in_epoch": self._steps_done_in_epoch,
+            "epoch": self._steps.epoch,
+            "steps_done_in_epoch": self._steps.step_in_epoch,
             "total_steps": self._total_steps,
             "adapter": adapter,
             "optimizer": optimizer_state,
             "lr_scheduler": self._lr_scheduler.state_dict(),
             "rng": rng_states,
             "first_step_loss": self.first_step_loss,
-            "best_val": self._best_val,
-            "evals_without_improvement": self._evals_without_improvement,
+            "best_val": self._early_stopping.best,
+            "evals_without_improvement": self._early_stopping.evals_without_improvement,
             "wandb_run_id": self._wandb_run_id,
             "history": self.history,
         }
@@ -528,19 +470,19 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
     def summary(self) -> str:
         """Printed at the end of a run: what training did to the loss, and where the outputs are."""
         vocab, adapter = self._model.tok_embeddings.num_embeddings, self.last_checkpoint / checkpoints.ADAPTER
-        before, after = self.val_losses.get("before"), self.val_losses.get("after")
-        text = report.summary(self.first_step_loss, vocab, before, after, adapter, self.merged_model)
+        text = report.summary(self.first_step_loss, vocab, self.val_before, self.val_after, adapter, self.merged_model)
         if self.eval_result:
             text += "\n" + harness.table(self.eval_result["rows"])
         return text
 
 
 @recipe_main
-def main(cfg: DictConfig) -> None:
+def main(config: Loaded) -> None:
     """LoRA finetuning on one device. Usage: tune run lora_finetune_single_device.py --config FILE [key=value ...]"""
-    recipe = LoRAFinetuneRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
+    recipe = LoRAFinetuneRecipe(config.cfg, config.settings)
+    recipe.setup()
     recipe.train()
+    recipe.finish()
     recipe.cleanup()
     print(recipe.summary(), flush=True)
 

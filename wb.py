@@ -14,7 +14,7 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
-from lora_tools.env import load_env, wandb_key_shape_error
+from lora_tools.config.env import load_env, wandb_key_shape_error
 from lora_tools.errors import UserError, fail
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lora_tools import gguf_export, tiny_assets
+from lora_tools.demo import assets as tiny_assets
+from lora_tools.export import gguf_export
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(tiny_assets.MODEL, num_layers=4, num_heads=24, num_kv_heads=8, embed_dim=3072, intermediate_dim=8192)

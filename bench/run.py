@@ -63,7 +63,7 @@ def build_model(model: str, device: str) -> Path:
     """Random weights of the chosen shape with the real 128k vocabulary, once per machine."""
     import torch
 
-    from lora_tools import tiny_assets
+    from lora_tools.demo import assets as tiny_assets
 
     out = REPO / "assets" / f"bench-{model}"
     if not (out / "model.safetensors").exists():

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from lora_tools.env import load_env
+from lora_tools.config.env import load_env
 from lora_tools.errors import UserError, fail
 
 # torchtune's checkpointer reads this file to fill adapter_config.json's base_model_name_or_path.

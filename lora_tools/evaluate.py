@@ -19,11 +19,12 @@ from pathlib import Path
 
 from torchtune import config
 
-from lora_tools import harness, preflight, settings
-from lora_tools.env import load_env
+from lora_tools import checkpoints
+from lora_tools.config import loader, preflight
+from lora_tools.config.env import load_env
 from lora_tools.errors import UserError, fail
-from lora_tools.inference import PromptFormat, load_model, resolve_checkpoint
-from lora_tools.launch import load_config
+from lora_tools.eval import harness
+from lora_tools.eval.inference import PromptFormat, load_model
 
 
 def _whole_number(name: str):
@@ -50,8 +51,7 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         load_env()  # .env: WANDB_API_KEY for the run summary, HF_TOKEN for gated Hub datasets
-        cfg = load_config(["--config", args.config, *overrides])
-        settings.parse(cfg, args.config)
+        cfg = loader.load(["--config", args.config, *overrides]).cfg  # the same typo and value checks as training
         preflight.check_wandb(cfg)  # before minutes of scoring, not after
         eval_settings = harness.EvalSettings(
             tasks=[t.strip() for t in args.tasks.split(",")],
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         manager = harness.task_manager(eval_settings.tasks, args.include_path)
         tokenizer = config.instantiate(cfg.tokenizer)
         prompts = PromptFormat(cfg, tokenizer)
-        checkpoint = resolve_checkpoint(cfg, args.checkpoint, args.merged)  # a missing model/ is reported now
+        checkpoint = checkpoints.resolve(cfg.output_dir, args.checkpoint, args.merged)  # a missing model/: now
         model, _ = load_model(cfg, checkpoint, merged=False)  # base + adapter: the base is it, adapter off
         base = harness.score(model, tokenizer, prompts, eval_settings, manager, base=True)
         if args.merged:

@@ -5,7 +5,7 @@
     python -m lora_tools.generate --config configs/tiny_chat.yaml --system "Answer in one short sentence."
     python -m lora_tools.generate --config ... --checkpoint outputs/.../step_0000500 --merged
 
-A config whose dataset is built by lora_tools.sft_data formats the conversation with the chat template that
+A config whose dataset is built by lora_tools.data.sft formats the conversation with the chat template that
 dataset renders (the base model's own), as a server would; interactive chat keeps the conversation's turns.
 By default it loads the base model named by the config plus the adapter of the newest checkpoint under
 output_dir (--checkpoint picks another; --merged loads that checkpoint's merged model instead). Extra key=value
@@ -18,10 +18,9 @@ from pathlib import Path
 
 from torchtune import config
 
-from lora_tools import settings
+from lora_tools.config import loader
 from lora_tools.errors import UserError, fail
-from lora_tools.inference import PromptFormat, greedy, last_position_logits, load_model
-from lora_tools.launch import load_config
+from lora_tools.eval.inference import PromptFormat, greedy, last_position_logits, load_model
 
 
 def answer(tokenizer, model, trunk, tokens: list[int], max_new_tokens: int, out=None) -> list[int]:
@@ -52,8 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--print-token-ids", action="store_true", help="print the generated token ids at the end")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(["--config", args.config, *overrides])
-        settings.parse(cfg, args.config)  # the same typo and value checks as training
+        cfg = loader.load(["--config", args.config, *overrides]).cfg  # the same typo and value checks as training
         tokenizer = config.instantiate(cfg.tokenizer)
         prompts = PromptFormat(cfg, tokenizer)
         model, trunk = load_model(cfg, args.checkpoint, args.merged)

@@ -79,11 +79,13 @@ def train_one_step(out: Path) -> None:
     from conftest import tiny_cfg
 
     from lora_finetune_single_device import LoRAFinetuneRecipe
+    from lora_tools.config import settings
 
     cfg = tiny_cfg(output_dir=str(out), max_steps_per_epoch=1, sample_prompts="[]")
-    recipe = LoRAFinetuneRecipe(cfg)
-    recipe.setup(cfg)
+    recipe = LoRAFinetuneRecipe(cfg, settings.parse(cfg, "test config"))
+    recipe.setup()
     recipe.train()
+    recipe.finish()
     recipe.cleanup()
 
 

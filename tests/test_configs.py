@@ -1,6 +1,9 @@
 """Shipped configs are well-formed, match the tiny assets, and bad configs fail in one line."""
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,10 +73,36 @@ def test_tune_cli_works_after_install():
 
 
 def test_tiny_assets_rebuild_byte_for_byte(tmp_path):
-    from lora_tools.tiny_assets import build
+    from lora_tools.demo.assets import build
 
     build(tmp_path)
     rebuilt = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert rebuilt == sorted(p.relative_to(TINY) for p in TINY.rglob("*") if p.is_file())
     for rel in rebuilt:
         assert (tmp_path / rel).read_bytes() == (TINY / rel).read_bytes(), rel
+
+
+def test_every_command_in_the_docs_answers_help():
+    """Each `python -m lora_tools.<cmd>` that README.md or docs/ shows runs and prints its usage (one Python
+    process runs them all as `python -m` would, to spare the imports: runpy with run_name "__main__")."""
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "Makefile"]
+    commands = sorted({m for doc in docs for m in re.findall(r"python -m (lora_tools[\w.]*)", doc.read_text())})
+    assert {"lora_tools.data", "lora_tools.export", "lora_tools.plan", "lora_tools.tiny_assets"} <= set(commands)
+    script = (
+        "import runpy, sys\n"
+        "for module in sys.argv[1:]:\n"
+        "    sys.argv = [module, '--help']\n"
+        "    try:\n"
+        "        runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+        "    except SystemExit as e:\n"
+        "        print(f'@@ {module} exit {e.code}', flush=True)\n"
+        "    else:\n"
+        "        print(f'@@ {module} returned without exiting', flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *commands], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    for module, usage in zip(commands, result.stdout.split("@@ ")[:-1], strict=True):
+        assert "usage:" in usage.lower(), (module, usage[-500:])
+    assert re.findall(r"@@ (\S+) exit (\S+)", result.stdout) == [(m, "0") for m in commands], result.stdout[-2000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, TORCHAO_NOTICE, final_adapter, latest_checkpoint, per_step, pointer, tune_run, wait_for
 
-from lora_tools.tiny_assets import THINGS
+from lora_tools.demo.assets import THINGS
 
 # 165 training samples (odd: the split across processes drops one, as one device's last partial batch does),
 # a global batch of 8 as 2 micro-batches, 20 optimizer steps over 2 epochs, 29 held-out samples (odd: one

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from wandb_records import run_id, summary
 
-from lora_tools import evaluate, harness
+from lora_tools import evaluate
 from lora_tools.checkpoints import latest_checkpoint
+from lora_tools.eval import harness
 
 STEP = DEMO_STEP_DIR
 
@@ -131,8 +132,8 @@ def test_chat_prompts_are_the_training_format(demo):
     """In chat format the harness's prompt text is cut back into exactly the ids training used for a prompt."""
     from torchtune import config as tt_config
 
-    from lora_tools.inference import PromptFormat, load_model
-    from lora_tools.launch import load_config
+    from lora_tools.config.loader import load_config
+    from lora_tools.eval.inference import PromptFormat, load_model
 
     out, _, _ = demo
     cfg = load_config(["--config", "configs/tiny.yaml", f"output_dir={out}"])

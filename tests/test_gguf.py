@@ -13,11 +13,11 @@ import pytest
 from conftest import HF_PYTHON, REPO, TINY, logged_metrics, offline_env
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from lora_tools import export
-from lora_tools.chat_template import LLAMA3_TEMPLATE, read_template
-from lora_tools.inference import PromptFormat
-from lora_tools.launch import load_config
-from lora_tools.sft_data import conversation_dataset
+from lora_tools.config.loader import load_config
+from lora_tools.data.chat_template import LLAMA3_TEMPLATE, read_template
+from lora_tools.data.sft import conversation_dataset
+from lora_tools.eval.inference import PromptFormat
+from lora_tools.export import __main__ as export
 
 CHAT_CONFIG = "configs/tiny_chat.yaml"
 N_NEW = 32
@@ -103,8 +103,8 @@ def test_modelfile_renders_the_training_prompts(exported):
     constructs, in lora_tools.gguf_export.ollama_render), is the training prompt without the BOS Ollama adds."""
     from torchtune import config
 
-    from lora_tools.chat_template import ChatFormat
-    from lora_tools.gguf_export import ollama_render
+    from lora_tools.data.chat_template import ChatFormat
+    from lora_tools.export.gguf_export import ollama_render
 
     _, folder = exported
     template = (folder / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
@@ -118,7 +118,7 @@ def test_modelfile_renders_the_training_prompts(exported):
 
 def test_embedded_template_keeps_the_training_date(exported):
     """llama-server passes today's date to Llama 3 templates; the date set inside the GGUF's template wins."""
-    from lora_tools.chat_template import render_template
+    from lora_tools.data.chat_template import render_template
 
     _, folder = exported
     template = _load(folder / "model-f16.gguf").metadata["tokenizer.chat_template"]
@@ -267,7 +267,7 @@ def test_a_failed_export_leaves_no_partial_file(exported, tmp_path):
     rows) removes the partial file; the folder holds nothing."""
     import shutil
 
-    from lora_tools import gguf_export
+    from lora_tools.export import gguf_export
 
     out, _ = exported
     model = tmp_path / "model"

@@ -18,12 +18,12 @@ from conftest import HF_PYTHON, REPO, TINY, logged_metrics
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.models.llama3 import llama3_tokenizer
 
-from lora_tools import data as data_command
 from lora_tools import generate
-from lora_tools.chat_template import ChatFormat
-from lora_tools.inference import PromptFormat
-from lora_tools.launch import load_config
-from lora_tools.sft_data import conversation_dataset, instruction_dataset
+from lora_tools.config.loader import load_config
+from lora_tools.data import __main__ as data_command
+from lora_tools.data.chat_template import ChatFormat
+from lora_tools.data.sft import conversation_dataset, instruction_dataset
+from lora_tools.eval.inference import PromptFormat
 
 CHAT_CONFIG = "configs/tiny_chat.yaml"
 HF_KWARGS = {"date_string": "26 Jul 2024"}  # the date our renderer gives templates (chat_template.TEMPLATE_DATE)

@@ -12,7 +12,8 @@ from torchao.dtypes.nf4tensor import NF4Tensor
 
 from lora_finetune_single_device import LoRAFinetuneRecipe
 from lora_tools.checkpoints import latest_checkpoint
-from lora_tools.inference import PromptFormat
+from lora_tools.config import settings
+from lora_tools.eval.inference import PromptFormat
 
 
 def run_tiny(out, *overrides):
@@ -65,11 +66,12 @@ def test_dora_adapter_loads_in_peft_with_the_recipes_logits(tmp_path):
 
 def test_qlora_on_the_tiny_model(tmp_path):
     cfg = tiny_cfg(output_dir=str(tmp_path / "out"), max_steps_per_epoch=40, **{"model.quantize_base": True})
-    recipe = LoRAFinetuneRecipe(cfg)
-    recipe.setup(cfg)
+    recipe = LoRAFinetuneRecipe(cfg, settings.parse(cfg, "test config"))
+    recipe.setup()
     frozen = [m for name, m in recipe._model.named_modules() if name.endswith(("q_proj", "v_proj", "w1", "w2", "w3"))]
     assert frozen and all(isinstance(m.weight, NF4Tensor) for m in frozen)
     recipe.train()
+    recipe.finish()
     recipe.cleanup()
     losses = [m["loss"] for _, m in sorted(logged_metrics(tmp_path / "out").items()) if "loss" in m]
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
@@ -94,8 +96,8 @@ def test_generate_returns_the_argmax_tokens_of_the_recipes_model(tmp_path):
     # The recipe's model resumed from the same checkpoint, through torchtune's own full forward (all positions,
     # no KV cache): a plain argmax loop.
     cfg = tiny_cfg(output_dir=str(out), resume_from_checkpoint=True, max_steps_per_epoch=40)
-    recipe = LoRAFinetuneRecipe(cfg)
-    recipe.setup(cfg)
+    recipe = LoRAFinetuneRecipe(cfg, settings.parse(cfg, "test config"))
+    recipe.setup()
     recipe._model.eval()
     tokens = PromptFormat(cfg, recipe._tokenizer).tokens([{"role": "user", "content": prompt}])
     expected = []

@@ -9,14 +9,15 @@ from conftest import logged_metrics, tiny_cfg
 from torchtune import config, utils
 
 from lora_finetune_single_device import LoRAFinetuneRecipe
+from lora_tools.config import settings
 
 IGNORE = -100
 
 
 def make_recipe(tmp_path, **overrides):
     cfg = tiny_cfg(output_dir=str(tmp_path / "out"), **overrides)
-    recipe = LoRAFinetuneRecipe(cfg)
-    recipe.setup(cfg)
+    recipe = LoRAFinetuneRecipe(cfg, settings.parse(cfg, "test config"))
+    recipe.setup()
     return recipe
 
 
@@ -113,6 +114,7 @@ def test_a_step_without_trained_tokens_logs_no_loss_and_no_nan(tmp_path):
     )
     before = {k: v.detach().clone() for k, v in recipe.adapter_params.items()}
     recipe.train()
+    recipe.finish()
     recipe.cleanup()
     steps = logged_metrics(tmp_path / "out")
     assert sorted(steps) == [1, 2]

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lora_tools import checkpoints, provenance, rng
+from lora_tools import checkpoints
+from lora_tools.checkpoints import provenance
 from lora_tools.errors import UserError
+from lora_tools.train import rng
 
 
 def write_checkpoint(output_dir, step: int, keep_last_n=None, payload: str = "x"):

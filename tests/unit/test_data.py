@@ -2,7 +2,7 @@
 
 import torch
 
-from lora_tools.batching import EvalShard, NextTokenLabels
+from lora_tools.data.batching import EvalShard, NextTokenLabels
 
 IGNORE = -100
 SAMPLES = [{"tokens": [10 + i, 20 + i, 30 + i], "labels": [IGNORE, 20 + i, 30 + i]} for i in range(5)]

@@ -5,7 +5,7 @@ import random
 import pytest
 from torchtune.datasets import PackedDataset
 
-from lora_tools.data_summary import DataSummary
+from lora_tools.data.summary import DataSummary
 
 
 class _Samples:

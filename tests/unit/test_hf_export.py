@@ -4,7 +4,7 @@ shape (8 query heads, 2 key/value heads, width 256). No model is built and no fi
 import pytest
 import torch
 
-from lora_tools.hf_export import AdapterSpec, merged_hf_weights, peft_adapter_config, peft_adapter_weights
+from lora_tools.export.hf_export import AdapterSpec, merged_hf_weights, peft_adapter_config, peft_adapter_weights
 
 HF_CONFIG = {"hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32}
 RANK, ALPHA = 4, 8.0

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torchtune.datasets import PackedDataset, alpaca_dataset, chat_dataset, text_completion_dataset
 from torchtune.models.llama3 import llama3_tokenizer
 
-from lora_tools.batching import build_dataset
+from lora_tools.data.batching import build_dataset
 
 IGNORE = -100
 MAX_SEQ_LEN = 256

@@ -10,9 +10,12 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lora_tools import memory, plan, preflight, settings
+from lora_tools import memory
+from lora_tools.config import settings
+from lora_tools.config.loader import load_config
 from lora_tools.errors import UserError
-from lora_tools.launch import load_config
+from lora_tools.memory import plan
+from lora_tools.train.model import checkpoint_layers
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -82,8 +85,8 @@ def test_tiny_prediction_equals_the_profilers_count_of_a_real_run(tmp_path):
             pass
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        recipe = LoRAFinetuneRecipe(cfg)
-        recipe.setup(cfg)
+        recipe = LoRAFinetuneRecipe(cfg, settings.parse(cfg, "test config"))
+        recipe.setup()
         batch = next(iter(recipe._dataloader))
         shape, trained = tuple(batch["tokens"].shape), int((batch["labels"] != -100).sum())
         with torch.profiler.record_function("steps"):
@@ -124,7 +127,7 @@ def test_a_budget_between_none_and_all_checkpoints_the_fewest_layers_that_fit():
 
 def test_preflight_applies_the_choice_as_overrides(capsys):
     cfg = parsed("configs/tiny.yaml", "batch_size=64", "tokenizer.max_seq_len=128", "memory_budget=100GiB")
-    overrides = preflight.plan_memory(cfg)
+    overrides = plan.overrides_for_budget(cfg)
     assert "enable_activation_checkpointing=False" in overrides and "batch_size=64" in overrides
     line = capsys.readouterr().out.strip()
     assert line.startswith("memory plan: batch 64 x 1, no checkpointing fits 100.0 GiB: predicted peak")
@@ -143,7 +146,7 @@ def test_compile_memory_budget_trades_saved_activations():
 def test_checkpoint_layers_spreads_them_evenly():
     with torch.device("meta"):
         model = memory.fake_model.__globals__["config"].instantiate(parsed("configs/tiny.yaml").model)
-    assert memory.checkpoint_layers(model, 2) == [0, 2]
+    assert checkpoint_layers(model, 2) == [0, 2]
     wrapped = [type(layer).__name__ for layer in model.layers]
     assert wrapped.count("CheckpointWrapper") == 2 and wrapped[0] == "CheckpointWrapper"
 

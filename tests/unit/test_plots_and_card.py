@@ -9,8 +9,8 @@ from huggingface_hub import ModelCard
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from lora_tools.model_card import model_card_text, write_model_card
-from lora_tools.plots import COLORS, DPI, FIGSIZE, write_training_plot
+from lora_tools.export.model_card import model_card_text, write_model_card
+from lora_tools.train.plots import COLORS, DPI, FIGSIZE, write_training_plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

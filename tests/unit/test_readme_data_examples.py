@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from torchtune.models.llama3 import llama3_tokenizer
 
-from lora_tools.sft_data import conversation_dataset, instruction_dataset
+from lora_tools.data.sft import conversation_dataset, instruction_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "assets" / "tiny"

@@ -22,7 +22,7 @@ def test_readme_states_what_a_3b_step_checkpoint_writes():
     from omegaconf import OmegaConf
     from torchtune.modules.peft import get_adapter_params
 
-    from lora_tools.model_checks import meta_model
+    from lora_tools.train.model import meta_model
 
     cfg = OmegaConf.load(REPO / "lora_finetune_single_device.yaml")
     n = sum(p.numel() for p in get_adapter_params(meta_model(cfg.model)).values())
@@ -37,7 +37,7 @@ def test_readme_states_the_3b_gguf_sizes():
     import torch
     from torchtune.models.llama3_2 import llama3_2_3b
 
-    from lora_tools.gguf_export import QUANT_TYPES
+    from lora_tools.export.gguf_export import QUANT_TYPES
 
     with torch.device("meta"):
         n = sum(p.numel() for p in llama3_2_3b().parameters())
@@ -68,7 +68,7 @@ def test_readme_describes_the_tiny_assets_as_built():
     """The tiny-asset table: BPE size, weight scale, and the demo data's counts, recomputed from the files."""
     import json
 
-    from lora_tools.tiny_assets import INIT_GAIN, MODEL
+    from lora_tools.demo.assets import INIT_GAIN, MODEL
 
     tiny = REPO / "assets" / "tiny"
     readme = " ".join((REPO / "README.md").read_text().split())

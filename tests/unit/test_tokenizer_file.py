@@ -5,7 +5,7 @@ import base64
 from torchtune.models.llama3 import llama3_tokenizer
 
 import lora_tools  # noqa: F401  (sets the tiktoken cache folder to none)
-from lora_tools.tiny_assets import build_bpe_ranks
+from lora_tools.demo.assets import build_bpe_ranks
 
 
 def _write(path, text):

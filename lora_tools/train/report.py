@@ -24,18 +24,6 @@ def progress_bar(epoch: int, done: int, total: int, shown: bool) -> tqdm:
     return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}", dynamic_ncols=True, disable=not shown)
 
 
-def log_samples(metric_logger, step: int, rows: list[tuple[str, str]]) -> None:
-    """Sample answers: a W&B table when W&B is the logger, lines in the log otherwise."""
-    if type(metric_logger).__name__ == "WandBLogger":
-        import wandb
-
-        table = wandb.Table(columns=["step", "prompt", "answer"], data=[[step, p, a] for p, a in rows])
-        wandb.log({"samples": table, "global_step": step})  # torchtune's WandBLogger steps by global_step too
-        return
-    for prompt, answer in rows:
-        log.info(f"sample at step {step} | {prompt!r} -> {answer!r}")
-
-
 def summary(
     first_step_loss: float | None,
     vocab_size: int,

@@ -6,7 +6,6 @@ writes anything (output_dir included).
 """
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,9 +13,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from lora_tools.env import wandb_key_shape_error
+from lora_tools.config import settings
+from lora_tools.config.env import wandb_key_shape_error
+from lora_tools.data import records
 from lora_tools.errors import UserError
-from lora_tools.records import read_text
+from lora_tools.train import tracking
 
 # Fields each dataset builder reads from a row (before its column_map renames them).
 REQUIRED_FIELDS = {
@@ -49,7 +50,7 @@ def check_model_files(cfg: DictConfig) -> None:
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpointer.checkpoint_dir {ckpt_dir} does not exist; {hint}")
     files = ckpt.checkpoint_files
-    names = list(files) if isinstance(files, ListConfig | list) else [files]
+    names = settings.as_list(files)
     for name in names:
         if not (ckpt_dir / str(name)).is_file():
             raise UserError(f"checkpoint file {ckpt_dir / str(name)} is missing; {hint}")
@@ -101,48 +102,25 @@ def _dataset_cfgs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return out
 
 
-def _rows(path: Path, field: str | None = None) -> list:
-    """Rows of a local JSON file: a JSON list, or one JSON object per line (``field``: the key holding the rows)."""
-    text = read_text(path)
-    try:
-        rows = json.loads(text)
-        if field is not None and isinstance(rows, dict):
-            rows = rows.get(field, [])
-        return rows if isinstance(rows, list) else [rows]
-    except json.JSONDecodeError as whole_file_error:
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as line_error:
-                # Line 1 bad too: neither a JSON document nor JSON lines, so report the whole-file error.
-                bad = whole_file_error if number == 1 else line_error
-                where = bad.lineno if number == 1 else number
-                raise UserError(f"dataset file {path} is not valid JSON (line {where}: {bad.msg}); fix the file")
-        return rows
-
-
 def check_datasets(cfg: DictConfig) -> None:
     for section, ds in _dataset_cfgs(cfg):
         source = str(ds.get("source", ""))
         if source not in LOCAL_SOURCES or ds.get("data_files", None) is None:
             continue
         files = ds.data_files
-        paths = [Path(str(p)) for p in (files if isinstance(files, ListConfig | list) else [files])]
+        paths = [Path(str(p)) for p in settings.as_list(files)]
         for path in paths:
             if not path.is_file():
                 raise UserError(f"dataset file {path} does not exist; check {section}.data_files")
             if path.stat().st_size == 0:
                 raise UserError(f"dataset file {path} is empty; add samples to it or fix {section}.data_files")
             if source in ("json", "csv", "text"):
-                read_text(path)
+                records.read_text(path)
         if source != "json":
             continue
         builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
         for path in paths:
-            rows = _rows(path, ds.get("field", None))
+            rows = [row for _, row in records.json_rows(path, ds.get("field", None))]
             if not rows:
                 raise UserError(f"dataset file {path} has no rows; add samples to it or fix {section}.data_files")
             if builder in REQUIRED_FIELDS:
@@ -201,7 +179,7 @@ def _check_conversations(path: Path, rows: list, section: str, ds: DictConfig) -
 
 
 def check_wandb(cfg: DictConfig) -> None:
-    if not str(cfg.metric_logger.get("_component_", "")).endswith("WandBLogger"):
+    if not tracking.uses_wandb(cfg.metric_logger):
         return
     if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun"):
         return
@@ -233,14 +211,14 @@ def estimated_output_bytes(cfg: DictConfig) -> int:
     model, as large as the base files. A disk that fills later (more checkpoints kept) is one line then."""
     from torchtune.modules.peft import get_adapter_params
 
-    from lora_tools.model_checks import meta_model
+    from lora_tools.train.model import meta_model
 
     adapter_numel = sum(p.numel() for p in get_adapter_params(meta_model(cfg.model)).values())
     needed = 4 * adapter_numel * (2 if str(cfg.dtype) == "bf16" else 4)
     if not cfg.get("save_adapter_weights_only", False):
         ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
         files = cfg.checkpointer.checkpoint_files
-        names = list(files) if isinstance(files, ListConfig | list) else [files]
+        names = settings.as_list(files)
         needed += sum((ckpt_dir / str(n)).stat().st_size for n in names)
     return needed
 
@@ -259,19 +237,3 @@ def check_output_dir(cfg: DictConfig) -> None:
             f"not enough disk for output_dir {out}: checkpoints need about {needed / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free; free space, choose another output_dir, or set save_adapter_weights_only=True"
         )
-
-
-def plan_memory(checked) -> list[str]:
-    """With ``memory_budget``: the overrides of the fastest memory settings that fit it, after printing one line
-    (the choice, its predicted peak, the budget). Raises UserError naming the smallest setting when none fits."""
-    from lora_tools import plan
-
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("memory_budget plans one GPU holding the whole model; with torchrun pass memory_budget=null")
-    budget = plan.budget_for(checked.memory_budget, checked.device)
-    result = plan.make(checked, budget)
-    line = plan.choice_line(result)
-    if result.choice is None:
-        raise UserError(line)
-    print(line, flush=True)
-    return result.choice.setting.overrides(result.num_layers)

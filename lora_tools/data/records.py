@@ -47,7 +47,7 @@ def read_rows(source: str, split: str = "train", section: str = "dataset") -> It
     elif suffix == ".csv":
         rows = _csv_rows(path)
     elif suffix in (".json", ".jsonl"):
-        rows = _json_rows(path)
+        rows = json_rows(path)
     else:
         raise UserError(f"dataset file {path}: unknown type {suffix!r}; use .json, .jsonl, .csv or .parquet")
     count = 0
@@ -72,16 +72,26 @@ def read_text(path: Path) -> str:
         )
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """A JSON array (rows numbered from 1) or JSON Lines (rows numbered by line)."""
+def json_rows(path: Path, field: str | None = None) -> Iterator[tuple[int, object]]:
+    """(row number, row) of a JSON file: an array (rows numbered from 1), one object (with ``field``: the array
+    it holds under that key, as ``datasets``' json loader reads it), or JSON Lines (rows numbered by line)."""
     text = read_text(path)
-    if text.lstrip().startswith("["):
+    head = text.lstrip()[:1]
+    if head in ("[", "{"):
         try:
-            rows = json.loads(text)
+            document = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"dataset file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
-        yield from enumerate(rows, start=1)
-        return
+            if head == "[":
+                raise UserError(f"dataset file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+            document = None  # JSON Lines
+        if isinstance(document, dict) and field is not None:
+            document = document.get(field, [])
+        if isinstance(document, list):
+            yield from enumerate(document, start=1)
+            return
+        if document is not None:
+            yield 1, document
+            return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

@@ -163,7 +163,7 @@ class ChatFormat:
             raise UserError(f"{self.source} does not parse (line {e.lineno}: {e.message})")
         if not hasattr(getattr(tokenizer, "tt_model", None), "tt_model"):
             raise UserError(
-                f"lora_tools.sft_data datasets need torchtune's Llama 3 tokenizer (tiktoken), not "
+                f"lora_tools.data.sft datasets need torchtune's Llama 3 tokenizer (tiktoken), not "
                 f"{type(tokenizer).__name__}; use torchtune.models.llama3.llama3_tokenizer"
             )
         self._tokenizer = tokenizer

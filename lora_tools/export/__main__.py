@@ -15,13 +15,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import OmegaConf
 from torchtune import config, training, utils
 
-from lora_tools import chat_template, checkpoints, gguf_export, hf_export, preflight, settings
+from lora_tools import checkpoints
+from lora_tools.config import loader, preflight
+from lora_tools.config.settings import as_list
+from lora_tools.data import chat_template
+from lora_tools.data.sft import own_data_section
 from lora_tools.errors import UserError, fail
-from lora_tools.launch import load_config
-from lora_tools.sft_data import own_data_section
+from lora_tools.export import gguf_export, hf_export
 
 log = utils.get_logger("INFO")
 
@@ -29,11 +32,7 @@ log = utils.get_logger("INFO")
 def export(cfg, checkpoint: Path | None) -> Path:
     """Merge the checkpoint's adapter into the config's base weights; returns the model/ folder written."""
     preflight.check_model_files(cfg)
-    checkpoint = checkpoint or checkpoints.latest_checkpoint(cfg.output_dir)
-    if checkpoint is None:
-        raise UserError(f"no checkpoint under {cfg.output_dir}/checkpoints; train first or pass --checkpoint")
-    if not checkpoints.is_complete(checkpoint):
-        raise UserError(f"{checkpoint} is not a complete checkpoint (no {checkpoints.RECIPE_STATE}); pass another")
+    checkpoint = checkpoints.resolve(cfg.output_dir, checkpoint)
     adapter = checkpoints.load_recipe_state(checkpoint)["adapter"]
     # torchtune's checkpointer wants an output_dir; it writes nothing there when only loading.
     ckpt_cfg = OmegaConf.merge(cfg.checkpointer, {"output_dir": str(checkpoint)})
@@ -49,7 +48,7 @@ def training_template(cfg, base: bool) -> str:
         return chat_template.read_template(str(cfg.checkpointer.checkpoint_dir))[0]
     own = own_data_section(cfg)
     if own is None:
-        first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
+        first = as_list(cfg.dataset)[0]
         log.warning(
             f"{first._component_} trains in torchtune's Llama 3 format (no system block, alpaca data wrapped in "
             "the alpaca prompt): the GGUF's template is the plain Llama 3 format"
@@ -86,17 +85,8 @@ def export_gguf(cfg, checkpoint: Path | None, base: bool, quants: list[str]) -> 
         model_dir, out_dir = Path(cfg.checkpointer.checkpoint_dir), Path(cfg.output_dir) / "base-gguf"
         preflight.check_model_files(cfg)
     else:
-        checkpoint = checkpoint or checkpoints.latest_checkpoint(cfg.output_dir)
-        if checkpoint is None:
-            raise UserError(f"no checkpoint under {cfg.output_dir}/checkpoints; train first or pass --checkpoint")
-        if not checkpoints.is_complete(checkpoint):
-            raise UserError(f"{checkpoint} is not a complete checkpoint (no {checkpoints.RECIPE_STATE}); pass another")
+        checkpoint = checkpoints.resolve(cfg.output_dir, checkpoint, merged=True)
         model_dir, out_dir = checkpoint / checkpoints.MERGED, checkpoint / "gguf"
-        if not (model_dir / "model.safetensors").is_file() and not any(model_dir.glob("*.safetensors")):
-            raise UserError(
-                f"{checkpoint} has no merged model (saved adapter-only); write it first with: python -m "
-                f"lora_tools.export --config <your config> --checkpoint {checkpoint}, then add --gguf"
-            )
     name = Path(cfg.output_dir).name if not base else Path(cfg.checkpointer.checkpoint_dir).name
     template = training_template(cfg, base)
     files = gguf_export.export(model_dir, out_dir, quants, name, template)
@@ -124,8 +114,7 @@ def main(argv=None) -> int:
     if not args.gguf and (args.base or args.quant != "f16"):
         return fail("--quant and --base go with --gguf; add --gguf")
     try:
-        cfg = load_config(["--config", args.config, *overrides])
-        settings.parse(cfg, args.config)  # the same typo and value checks as training
+        cfg = loader.load(["--config", args.config, *overrides]).cfg  # the same typo and value checks as training
         if args.gguf:
             try:
                 files = export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant))

@@ -40,7 +40,7 @@ class Trunk(nn.Module):
 def loss_sum(trunk, head, loss_fn, batch: dict[str, torch.Tensor], activations_ctx) -> tuple[torch.Tensor, ...]:
     """Sum of the per-token losses of one batch, and how many tokens it trains on.
 
-    Labels arrive already shifted (see lora_tools.batching), so position i's label is token i+1. The output
+    Labels arrive already shifted (see lora_tools.data.batching), so position i's label is token i+1. The output
     layer runs on the labelled positions only: prompts and padding cost nothing more. ``activations_ctx``
     wraps the trunk (activation offloading, or nothing). lora_tools.memory traces this same function.
     """

@@ -1,34 +1,27 @@
-"""Entry point for recipes: read the YAML config and key=value overrides, check them, run, and turn user
-mistakes into one line on stderr with a non-zero exit instead of a traceback.
+"""Reading a config: the YAML file, the key=value overrides after it, and the typed settings, in one pass.
 
 The command line is torchtune's: ``--config FILE key=value ...``, dotted keys for nested values, ``~key``
 deletes a key, ``section=path`` sets a component section's ``_component_``, ``None`` is null, and each value
 is read as YAML. One difference, on purpose: only true/false (any case) are booleans, so ``compile: yes`` is
 refused instead of silently becoming True.
+
+``load`` is what the recipes and commands call: it returns the merged DictConfig (what ``config.instantiate``
+and the logs need) and its checked ``RecipeSettings`` together, so nothing parses a config twice.
 """
 
 import argparse
-import functools
-import inspect
 import re
-import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torchtune import utils
 
-from lora_tools import preflight, settings
-from lora_tools.env import load_env
-from lora_tools.errors import UserError, fail
+from lora_tools.config import settings
+from lora_tools.errors import UserError
 
-# Keys every recipe config must define; lora_tools.settings documents them and the defaults of the rest.
-REQUIRED_KEYS = tuple(
-    name for name, f in settings.RecipeSettings.__dataclass_fields__.items() if f.metadata["required"]
-)
 USAGE = "tune run RECIPE.py --config FILE [key=value ...]"
 
 
@@ -173,56 +166,32 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], config_file: str) -> 
 
 def load_config(argv: list[str], description: str = "") -> DictConfig:
     """``--config FILE key=value ...`` as one DictConfig (interpolations not resolved); raise UserError on bad
-    input. Checks that the required keys are present; ``settings.parse`` checks the rest."""
+    input. Not yet checked: ``load`` adds the typed settings (``settings.parse``)."""
     config_file, overrides = parse_args(argv, description)
     try:
         cfg = OmegaConf.create(read_yaml(config_file))
     except OmegaConfBaseException as e:
         raise UserError(f"{config_file}: {str(e).strip().splitlines()[0]}")
-    cfg = apply_overrides(cfg, overrides, config_file)
-    check_required_keys(cfg, config_file)
-    return cfg
+    return apply_overrides(cfg, overrides, config_file)
 
 
-def check_required_keys(cfg: DictConfig, config_file: str) -> None:
-    given = OmegaConf.to_container(cfg, resolve=False)  # a broken ${...} is reported by settings.parse
-    for key in REQUIRED_KEYS:
-        if given.get(key) is None:
-            raise UserError(
-                f"{config_file}: required key '{key}' is missing; add it to the config "
-                f"(see lora_finetune_single_device.yaml) or pass {key}=... on the command line"
-            )
+@dataclass(frozen=True)
+class Loaded:
+    """A config as given on a command line: its file, the merged DictConfig and the checked settings."""
+
+    source: str
+    cfg: DictConfig
+    settings: settings.RecipeSettings
 
 
-def recipe_main(main: Callable[..., None]) -> Callable[[], int]:
-    """Decorate a recipe's ``main(cfg)``: loads .env, parses and checks the config, reports UserError as one line.
+def load(argv: list[str], description: str = "") -> Loaded:
+    """``--config FILE key=value ...`` read, merged and checked once; raises UserError on bad input."""
+    source = parse_args(argv, description)[0]
+    cfg = load_config(argv, description)
+    return Loaded(source, cfg, settings.parse(cfg, source))
 
-    A ``main(cfg, settings)`` also gets the checked ``lora_tools.settings.RecipeSettings``.
-    """
-    wants_settings = "settings" in inspect.signature(main).parameters
 
-    @functools.wraps(main)
-    def wrapper() -> int:
-        try:
-            load_env()
-            argv = sys.argv[1:]
-            cfg = load_config(argv, description=main.__doc__ or "")
-            config_file = parse_args(argv)[0]
-            checked = settings.parse(cfg, config_file)
-            if checked.memory_budget:  # first: it needs neither the GPU nor the weights, and may change the config
-                cfg = apply_overrides(cfg, preflight.plan_memory(checked), config_file)
-                checked = settings.parse(cfg, config_file)
-            preflight.run_all(cfg)  # before any weights are read or anything is written
-            # torchtune's modules set its shared logger to DEBUG when imported; until the recipe prints the config
-            # (torchtune's log_config sets DEBUG again), INFO, so a mistake found while reading the data is the
-            # only line printed.
-            utils.get_logger("INFO")
-            if wants_settings:
-                main(cfg, settings=checked)
-            else:
-                main(cfg)
-        except UserError as e:
-            return fail(str(e))
-        return 0
-
-    return wrapper
+def with_overrides(config: Loaded, overrides: list[str]) -> Loaded:
+    """The config with more ``key=value`` overrides (a memory plan's choice), checked again."""
+    cfg = apply_overrides(config.cfg.copy(), overrides, config.source)
+    return Loaded(config.source, cfg, settings.parse(cfg, config.source))

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lora_tools.config.settings import as_list
+
 PACKAGES = ("torch", "torchtune", "torchao", "transformers", "peft")
 # Keys that differ between a run and its resumption by design.
 IGNORED_KEYS = {"resume_from_checkpoint", "allow_schedule_change"}
@@ -36,7 +38,7 @@ def _git_commit() -> str | None:
 def data_hash(cfg_dataset: DictConfig | ListConfig) -> str:
     """sha256 of the dataset config and of every local data file it names."""
     digest = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg_dataset, resolve=True), sort_keys=True).encode())
-    nodes = cfg_dataset if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
+    nodes = as_list(cfg_dataset)
     for node in nodes:
         files = node.get("data_files", None)
         for name in [files] if isinstance(files, str) else list(files or []):

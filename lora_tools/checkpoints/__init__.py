@@ -88,6 +88,22 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda p: (p / RECIPE_STATE).stat().st_mtime_ns, default=None)
 
 
+def resolve(output_dir: str | os.PathLike, checkpoint: Path | None = None, merged: bool = False) -> Path:
+    """``checkpoint``, or the newest under output_dir, once it is known to hold the resume state and adapter
+    (with ``merged``: the merged model too); otherwise one line saying what to do."""
+    checkpoint = checkpoint or latest_checkpoint(output_dir)
+    if checkpoint is None:
+        raise UserError(f"no checkpoint under {output_dir}/{CHECKPOINTS}; train first or pass --checkpoint")
+    if not is_complete(checkpoint):
+        raise UserError(f"{checkpoint} is not a complete checkpoint (no {RECIPE_STATE}); pass a {CHECKPOINTS}/step_N")
+    if merged and not (checkpoint / MERGED / "model.safetensors").is_file():
+        raise UserError(
+            f"{checkpoint} has no merged model (saved adapter-only); write it first with: python -m "
+            f"lora_tools.export --config <your config> --checkpoint {checkpoint}"
+        )
+    return checkpoint
+
+
 def set_aside_earlier_run(output_dir: str | os.PathLike) -> Path | None:
     """Move checkpoints left by an earlier run to checkpoints-before-<time>/ before a fresh run writes its own.
 

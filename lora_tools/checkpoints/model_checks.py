@@ -10,22 +10,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torchtune import config
 from torchtune.modules.peft import get_adapter_params
 
 from lora_tools.errors import UserError
-
-
-def meta_model(cfg_model: DictConfig) -> torch.nn.Module:
-    """The config's model with shapes only. NF4 quantization (QLoRA) needs real weights, and does not change
-    shapes, so it is left out here."""
-    overrides = {"quantize_base": False} if cfg_model.get("quantize_base", False) else {}
-    try:
-        with torch.device("meta"):
-            return config.instantiate(cfg_model, **overrides)
-    except (ValueError, TypeError, AssertionError) as e:  # a builder refusing a combination of its arguments
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model: {cfg_model._component_} refuses these settings: {reason}; change the model section")
+from lora_tools.train.model import meta_model
 
 
 def _model_shape(model: torch.nn.Module) -> dict[str, int]:

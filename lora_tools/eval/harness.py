@@ -23,10 +23,11 @@ from lm_eval.tasks import TaskManager
 from torchtune.modules.peft import disable_adapter
 
 from lora_tools import checkpoints
-from lora_tools.chat_template import SpecialTokenText
-from lora_tools.decoder import Trunk
+from lora_tools.data.chat_template import SpecialTokenText
 from lora_tools.errors import UserError
-from lora_tools.inference import PromptFormat, greedy, last_position_logits
+from lora_tools.eval.inference import PromptFormat, greedy, last_position_logits
+from lora_tools.train import tracking
+from lora_tools.train.decoder import Trunk
 
 # Local tasks shipped with the project (the tiny demo's questions); always on the harness's search path.
 EVALS_DIR = Path(__file__).resolve().parent.parent / "evals"
@@ -225,6 +226,15 @@ def score(model, tokenizer, prompt_format: PromptFormat, settings: EvalSettings,
         return _clean(evaluate(lm, settings, manager))
 
 
+def score_with_and_without_adapter(model, tokenizer, prompt_format: PromptFormat, settings: EvalSettings, manager):
+    """eval.json's content for a model with adapters: scored with them off (the base) and on, in eval mode."""
+    model.eval()
+    base = score(model, tokenizer, prompt_format, settings, manager, base=True)
+    finetuned = score(model, tokenizer, prompt_format, settings, manager, base=False)
+    model.train()
+    return report(settings, prompt_format, base, finetuned)
+
+
 def report(settings: EvalSettings, prompt_format: PromptFormat, base: dict, finetuned: dict) -> dict:
     """What eval.json holds: the settings both runs shared, both results, the comparison rows, versions."""
     out = {
@@ -319,12 +329,5 @@ def summary_keys(result: dict) -> dict[str, float]:
 
 def to_wandb(cfg, checkpoint: Path, result: dict) -> None:
     """With the W&B logger: the scores into the training run's summary (the run is resumed by its id)."""
-    if not str(cfg.metric_logger.get("_component_", "")).endswith("WandBLogger"):
-        return
-    import wandb
-
     run_id = checkpoints.load_recipe_state(checkpoint).get("wandb_run_id")
-    project, folder = cfg.metric_logger.get("project"), cfg.metric_logger.get("log_dir") or cfg.output_dir
-    run = wandb.init(project=project, dir=str(folder), id=run_id, resume="allow" if run_id else None, job_type="eval")
-    run.summary.update(summary_keys(result))
-    run.finish()
+    tracking.update_finished_run(cfg, run_id, summary_keys(result))

@@ -15,10 +15,9 @@ import sys
 from torchtune import config
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from lora_tools import preflight, settings
-from lora_tools.batching import BuiltDataset, build_dataset
+from lora_tools.config import loader, preflight
+from lora_tools.data.batching import BuiltDataset, build_dataset
 from lora_tools.errors import UserError, fail
-from lora_tools.launch import load_config
 
 TRAINED_START, TRAINED_END = "\x1b[32m", "\x1b[0m"  # green on a terminal
 PLAIN_START, PLAIN_END = "«", "»"  # in a file or pipe
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
     if args.show < 0:
         return fail(f"--show {args.show}: give 0 or more samples to print")
     try:
-        cfg = load_config(["--config", args.config, *overrides])
-        settings.parse(cfg, args.config)  # the same typo and value checks as training
+        cfg = loader.load(["--config", args.config, *overrides]).cfg  # the same typo and value checks as training
         preflight.check_datasets(cfg)
         tokenizer = config.instantiate(cfg.tokenizer)
         sections = [("dataset", cfg.dataset)] + ([("val_dataset", cfg.val_dataset)] if cfg.get("val_dataset") else [])

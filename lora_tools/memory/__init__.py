@@ -2,7 +2,7 @@
 
 The model is built from the config with no storage (the meta device, then fake tensors: shapes, dtypes and
 sizes, no data), set up as the recipe sets it up (compile, activation checkpointing of some or all layers,
-offloading), and one training step (the recipe's own loss, ``lora_tools.decoder.loss_sum``, backward and the
+offloading), and one training step (the recipe's own loss, ``lora_tools.train.decoder.loss_sum``, backward and the
 optimizer step, after an optimizer step on zero gradients that creates its state, as a second step finds it)
 runs on it while a dispatch mode adds up the bytes of every tensor storage alive. Compiled layers and loss are
 traced by Dynamo with the partitioner inductor uses (backend ``aot_eager_decomp_partition``), so the activations
@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_flatten
 from torchtune import config, training
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from lora_tools.decoder import Trunk, loss_sum
+from lora_tools.train.decoder import Trunk, loss_sum
+from lora_tools.train.model import is_qlora, meta_model, prepare
 
 GIB = 2**30
 # Reserved minus allocated on the H200 runs in bench/results was 0.7-2.6 GiB (4-18% of the peak);
@@ -45,23 +46,6 @@ NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / (64 * 256)
 OFFLOAD_MIN_BYTES = 1024  # torchtune's OffloadActivations leaves smaller tensors on the GPU
 
 PARTS = ("base weights", "adapters + optimizer state", "activations", "output layer + loss")
-
-
-def checkpoint_layers(model: nn.Module, count: int | None) -> list[int]:
-    """Activation checkpointing on ``count`` of the model's transformer layers (all when None), spread evenly.
-
-    Which layers recompute does not change the memory saved, only how much; spreading them keeps the saved
-    activations even along the model. Returns the indices of the checkpointed layers.
-    """
-    layers = list(model.layers)
-    count = len(layers) if count is None else min(count, len(layers))
-    chosen = {round(i * len(layers) / count) for i in range(count)} if count else set()
-    wrapped = {id(layers[i]) for i in chosen}
-    if wrapped:
-        # A callable policy is asked with recurse=True whether to look inside a module, then whether to wrap it.
-        policy = lambda module, recurse, **_: recurse or id(module) in wrapped  # noqa: E731
-        training.set_activation_checkpointing(model, auto_wrap_policy=policy)
-    return sorted(chosen)
 
 
 @dataclass(frozen=True)
@@ -221,17 +205,6 @@ class ReplayOffloading(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
-def is_qlora(model_cfg) -> bool:
-    return bool(model_cfg.get("quantize_base", False)) or ".qlora_" in str(model_cfg._component_)
-
-
-def meta_model(model_cfg, dtype: torch.dtype) -> nn.Module:
-    """The configured model on the meta device (shapes only). A QLoRA model is built unquantized: torchao's NF4
-    tensors do not run on fake tensors, so the trace counts its frozen linear weights at NF4's size instead."""
-    with training.set_default_dtype(dtype), torch.device("meta"):
-        return config.instantiate(model_cfg, **({"quantize_base": False} if is_qlora(model_cfg) else {}))
-
-
 def fake_model(model_cfg, dtype: torch.dtype, fake: FakeTensorMode) -> nn.Module:
     """The configured model with fake weights: built on meta, given fake CPU storage; LoRA params train."""
     model = meta_model(model_cfg, dtype)
@@ -276,6 +249,14 @@ def estimate(cfg, setting: Setting, seq_len: int, trained_fraction: float = 1.0)
     return dataclasses.replace(traced, setting=setting, parts=parts)
 
 
+def compile_budget(share: float | None) -> contextlib.AbstractContextManager:
+    """torch._functorch.config.activation_memory_budget at ``share`` while the context is open: compile's
+    partitioner reads it when a training graph compiles. None leaves it as it is (1: keep every activation)."""
+    if share is None:
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(activation_memory_budget=share)
+
+
 def _trace(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Estimate:
     """``_trace_step`` with torchtune's compile helpers pointed at the tracing backend and compile's budget set."""
     torch._dynamo.reset()  # compiled code of an earlier estimate was traced with other settings
@@ -283,7 +264,7 @@ def _trace(cfg, setting: Setting, seq_len: int, trained_fraction: float) -> Esti
     os.environ["TORCH_COMPILE_BACKEND"] = TRACE_BACKEND  # read by torchtune's compile_model and compile_loss
     budget = 1.0 if setting.compile_memory_budget is None else setting.compile_memory_budget
     try:
-        with torch._functorch.config.patch(activation_memory_budget=budget):
+        with compile_budget(budget):
             return _trace_step(cfg, setting, seq_len, trained_fraction)
     finally:
         if backend is None:
@@ -309,9 +290,7 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float) ->
         loss_fn = config.instantiate(cfg.loss)
         if setting.compile:
             loss_fn = training.compile_loss(loss_fn, verbose=False)
-            training.compile_model(model, verbose=False)
-        if setting.checkpointed_layers:
-            checkpoint_layers(model, setting.checkpointed_layers)
+        prepare(model, setting.compile, setting.checkpointed_layers, verbose=False)
         trunk, head = Trunk(model), model.output
 
         def counted_trunk(**inputs):

@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import modules, training
 
-from lora_tools import rng
 from lora_tools.errors import UserError
+from lora_tools.train import rng
 
 
 class OneDevice:

@@ -59,6 +59,11 @@ def parse_size(text: str) -> int | None:
     return None
 
 
+def as_list(value: Any) -> list:
+    """A key that takes one item or a list of them (datasets, checkpoint files), as a list."""
+    return list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+
+
 Component = DictConfig  # a section with _component_: the dotted path of a class or function, and its arguments
 
 

@@ -1,7 +1,7 @@
 """Answering prompts with a finetuned model: the prompt in the format it trained on, and greedy decoding.
 
 Used by the recipe (sample answers during training) and by ``python -m lora_tools.generate``; both decode
-through the same hidden-states-then-output-layer path as training (lora_tools.decoder), the output layer on
+through the same hidden-states-then-output-layer path as training (lora_tools.train.decoder), the output layer on
 the last position only.
 """
 
@@ -9,16 +9,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from torchtune.data import AlpacaToMessages, Message
 from torchtune.modules.common_utils import local_kv_cache
 
-from lora_tools import checkpoints, preflight
-from lora_tools.chat_template import ChatFormat
-from lora_tools.decoder import Trunk
-from lora_tools.errors import UserError
-from lora_tools.sft_data import own_data_section
+from lora_tools import checkpoints
+from lora_tools.config import preflight
+from lora_tools.config.settings import as_list
+from lora_tools.data.chat_template import ChatFormat
+from lora_tools.data.sft import own_data_section
+from lora_tools.train.decoder import Trunk
 
 # (tokens [1, n], input_pos [1, n], mask [1, n, total]) -> logits of the last position [vocabulary]
 NextTokenLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,13 +28,13 @@ NextTokenLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 class PromptFormat:
     """Prompts in the format the training data had, so the model is asked the way it learned to answer.
 
-    Datasets built by lora_tools.sft_data: the chat template they render with (and an instruction dataset's
+    Datasets built by lora_tools.data.sft: the chat template they render with (and an instruction dataset's
     system prompt), so a prompt here equals ``apply_chat_template(messages, add_generation_prompt=True)``.
     torchtune's datasets: its Llama 3 format, each user turn wrapped in the alpaca prompt for alpaca data.
     """
 
     def __init__(self, cfg: DictConfig, tokenizer):
-        first = cfg.dataset[0] if isinstance(cfg.dataset, ListConfig) else cfg.dataset
+        first = as_list(cfg.dataset)[0]
         self._tokenizer = tokenizer
         self._chat, self._system, self._alpaca = None, None, "alpaca" in str(first.get("_component_", ""))
         own = own_data_section(cfg)
@@ -92,25 +93,13 @@ def greedy(
             n += 1
 
 
-def resolve_checkpoint(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> Path:
-    """``checkpoint``, or the newest under output_dir, once it is known to hold the adapter (or model/)."""
-    checkpoint = checkpoint or checkpoints.latest_checkpoint(cfg.output_dir)
-    if checkpoint is None:
-        raise UserError(f"no checkpoint under {cfg.output_dir}/checkpoints; train first or pass --checkpoint")
-    needed = checkpoint / (f"{checkpoints.MERGED}/model.safetensors" if merged else checkpoints.RECIPE_STATE)
-    if not needed.is_file():
-        hint = " (write it with: python -m lora_tools.export --config ... --checkpoint ...)" if merged else ""
-        raise UserError(f"{needed} does not exist{hint}; pass a checkpoints/step_N folder with --checkpoint")
-    return checkpoint
-
-
 def load_model(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> tuple[torch.nn.Module, Trunk]:
     """The config's model with base weights + the checkpoint's adapter (or the merged weights), in eval mode."""
     preflight.check_device(cfg)
     preflight.check_model_files(cfg)
     device = utils.get_device(cfg.device)
     dtype = training.get_dtype(cfg.dtype, device=device)
-    checkpoint = resolve_checkpoint(cfg, checkpoint, merged)
+    checkpoint = checkpoints.resolve(cfg.output_dir, checkpoint, merged)
     ckpt_cfg = OmegaConf.merge(cfg.checkpointer, {"output_dir": str(Path(cfg.output_dir) / "generate")})
     if merged:
         ckpt_cfg = OmegaConf.merge(ckpt_cfg, {"checkpoint_dir": str(checkpoint / checkpoints.MERGED)})

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from lora_tools.checkpoints import write_file
+from lora_tools.config.settings import as_list
 
 TAGS = ["torchtune", "lora", "llama-3.2", "text-generation"]
 
@@ -143,12 +144,11 @@ def dataset_names(cfg_dataset) -> list[str]:
 
 def run_card(cfg, checkpoint: Path, loss_rows, eval_rows, plot: str | None) -> Path:
     """README.md (and nothing else) in the checkpoint's adapter/ folder, from the run's config and results."""
-    from omegaconf import ListConfig
 
-    from lora_tools.hf_export import base_model_name
+    from lora_tools.export.hf_export import base_model_name
 
     base = base_model_name(Path(cfg.checkpointer.checkpoint_dir))
-    datasets = dataset_names(list(cfg.dataset) if isinstance(cfg.dataset, ListConfig) else cfg.dataset)
+    datasets = dataset_names(as_list(cfg.dataset))
     m = cfg.model
     settings = [
         ("base model", base),

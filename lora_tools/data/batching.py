@@ -18,13 +18,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config
 from torchtune.data import padded_collate_packed
 from torchtune.datasets import PackedDataset
 
-from lora_tools.data_summary import DataSummary
+from lora_tools.config.settings import as_list
+from lora_tools.data.sft import TokenizedConversations
+from lora_tools.data.summary import DataSummary
 from lora_tools.errors import UserError
-from lora_tools.sft_data import TokenizedConversations
 
 
 class NextTokenLabels(Dataset):
@@ -106,7 +109,7 @@ def build_dataset(
 
     ``packed`` is read from the config but never passed to the builder: packing happens here, after the shift.
     """
-    cfgs = list(cfg_dataset) if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]
+    cfgs = as_list(cfg_dataset)
     built, packed_flags = [], []
     for cfg in cfgs:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -134,3 +137,33 @@ def collate_for(packed: bool, collate_fn: str, pad_id: int, ignore_index: int) -
         return padded_collate_packed
     module, _, name = collate_fn.rpartition(".")
     return partial(getattr(importlib.import_module(module), name), padding_idx=pad_id, ignore_idx=ignore_index)
+
+
+def dataloader(
+    built: BuiltDataset, batch_size: int, collate: Callable, world: int, rank: int, seed: int, shuffle: bool
+) -> StatefulDataLoader:
+    """Training batches: a batch is ``batch_size x processes`` consecutive samples of one seeded shuffle, each
+    process taking its share, so keeping that product gives the same batches for any number of processes."""
+    sampler = StatefulDistributedSampler(
+        built.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+    )
+    return _loader(built.dataset, batch_size, sampler, collate, drop_last=True)
+
+
+def eval_dataloader(built: BuiltDataset, batch_size: int, collate: Callable, world: int, rank: int, ignore_index: int):
+    """Evaluation batches: every sample once, in order, split across processes (see EvalShard)."""
+    shard = EvalShard(built.dataset, rank, world, ignore_index)
+    sampler = StatefulDistributedSampler(shard, num_replicas=1, rank=0, shuffle=False)
+    return _loader(shard, batch_size, sampler, collate, drop_last=False)
+
+
+def _loader(dataset: Dataset, batch_size: int, sampler, collate: Callable, drop_last: bool) -> StatefulDataLoader:
+    return StatefulDataLoader(
+        dataset=dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),  # not the global one: a resumed run must draw what the first would
+    )

@@ -1,0 +1,1 @@
+"""Reading a config (YAML + overrides), its typed settings, .env secrets, and the checks run before weights load."""

@@ -1,0 +1,581 @@
+"""Build the tiny, offline stand-in for Llama-3.2-3B-Instruct and alpaca_cleaned.
+
+Everything is generated from a fixed seed by this file, so the demo and the tests need no download,
+no account and no GPU, yet exercise the same loading code as the real model:
+
+- ``model.safetensors`` + ``config.json``: a Llama-3.2-shaped model (grouped-query attention, llama3 RoPE
+  scaling, tied embeddings) in Hugging Face format, read by torchtune's ``FullModelHFCheckpointer``.
+- ``original/tokenizer.model``: a tiktoken BPE file read by torchtune's real ``Llama3Tokenizer``, with
+  ``special_tokens.json`` (the added_tokens part of a Hugging Face tokenizer.json) naming its 256 special tokens
+  (same names and order as Llama 3's, smaller ids).
+- ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``: the same tokenizer for Hugging Face
+  (``AutoTokenizer``), laid out like Llama 3's and cutting text into the same ids as the tiktoken file, with
+  <|begin_of_text|> as bos, <|eot_id|> as eos and a chat template (``CHAT_TEMPLATE``) that renders Llama 3.2
+  Instruct's chat format.
+- ``data/train.json`` and ``data/heldout.json``: the demo task in alpaca format (instruction, input, output):
+  the color of each of 30 things, asked in six wordings. For every thing one wording is held out, so each
+  held-out question asks a fact that training teaches in words training never pairs with that thing.
+  ``data/heldout_choices.jsonl`` holds the same held-out questions with four answer options, for
+  ``lora_tools.evaluate`` (``evals/tiny_qa``).
+- ``data/chat_train.jsonl`` and ``data/chat_heldout.jsonl``: five small tasks (colors, opposites, sums, counting,
+  reversing a list) as chats, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line (OpenAI
+  style): an optional system prompt, then one to three user/assistant exchanges.
+
+Why the model is shaped as it is: LoRA cannot move embeddings or norms, so with a random 128k-token base
+it barely moves the loss. A small vocabulary (256 of its tokens special) is built from the demo's own words. The
+weights are drawn with std 1.28 / sqrt(width) (0.08): attention then already mixes tokens at step 0, so LoRA can
+learn to read the question. Measured on the demo task: with Hugging Face's std 0.02, and with 0.0625, LoRA
+learned one answer for every question; with 0.08 it answers all held-out questions. The price is a first loss
+about 17% above ln(vocab size), the loss of a uniform guess.
+
+Run: ``python -m lora_tools.tiny_assets --out assets/tiny``.
+"""
+
+import base64
+import json
+import random
+from pathlib import Path
+
+import regex
+import torch
+from safetensors.torch import save_file
+
+# Llama 3's pre-tokenisation pattern (the one its tiktoken tokenizer splits text with), so our vocabulary
+# matches the pieces the real tokenizer will cut text into.
+CL100K_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama 3's special tokens in id order: these 13, then reserved tokens 2 to 244 (256 in all).
+LLAMA3_FIRST_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+    "<|video|>",
+]
+SEED = 1234
+MODEL = dict(  # torchtune llama3_2 component-builder arguments; configs/tiny.yaml repeats them
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    embed_dim=256,
+    intermediate_dim=768,
+    max_seq_len=2048,
+    norm_eps=1e-5,
+    rope_base=500_000,
+    scale_factor=32,
+)
+INIT_GAIN = 1.28  # weights drawn with std 1.28 / sqrt(width): 0.08 for the tiny model; see the module docstring
+
+# --- the demo task -------------------------------------------------------------------------------------
+
+# Things and their colors, as a person would answer (the demo's answers are meant to be checked by eye).
+THING_COLORS = {
+    "apple": "red",
+    "banana": "yellow",
+    "cherry": "red",
+    "lemon": "yellow",
+    "grape": "purple",
+    "plum": "purple",
+    "carrot": "orange",
+    "tomato": "red",
+    "pepper": "green",
+    "onion": "white",
+    "ocean": "blue",
+    "forest": "green",
+    "desert": "brown",
+    "meadow": "green",
+    "glacier": "white",
+    "volcano": "black",
+    "river": "blue",
+    "cloud": "white",
+    "sunset": "orange",
+    "sky": "blue",
+    "violin": "brown",
+    "coin": "silver",
+    "coal": "black",
+    "kettle": "silver",
+    "pillow": "white",
+    "chocolate": "brown",
+    "spoon": "silver",
+    "snow": "white",
+    "grass": "green",
+    "mirror": "silver",
+}
+THINGS = list(THING_COLORS)
+COLORS = ["red", "yellow", "green", "blue", "purple", "orange", "white", "black", "brown", "silver"]
+OPPOSITES = {
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "early": "late",
+    "happy": "sad",
+    "light": "dark",
+    "open": "closed",
+    "full": "empty",
+    "high": "low",
+    "strong": "weak",
+    "young": "old",
+    "loud": "quiet",
+    "near": "far",
+    "rich": "poor",
+    "soft": "hard",
+    "wet": "dry",
+    "clean": "dirty",
+    "long": "short",
+}
+ANIMALS = ["cat", "dog", "horse", "rabbit", "tiger", "whale", "eagle", "otter", "panda", "zebra", "camel", "koala"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def _color_of(thing: str) -> str:
+    return THING_COLORS[thing]
+
+
+def _example(rng: random.Random) -> dict:
+    """One request of the chat data's five tasks, as an alpaca row."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        thing = rng.choice(THINGS)
+        q = rng.choice(["What color is the {}?", "Tell me the color of the {}.", "Which color does the {} have?"])
+        return {"instruction": q.format(thing), "input": "", "output": f"The {thing} is {_color_of(thing)}."}
+    if kind == 1:
+        word = rng.choice(sorted(OPPOSITES))
+        return {
+            "instruction": "Give the opposite of the word.",
+            "input": word,
+            "output": f"The opposite of {word} is {OPPOSITES[word]}.",
+        }
+    if kind == 2:
+        items = rng.sample(ANIMALS, rng.randint(3, 5))
+        return {
+            "instruction": "Write the list in reverse order.",
+            "input": ", ".join(items),
+            "output": ", ".join(reversed(items)) + ".",
+        }
+    if kind == 3:
+        a, b = rng.randint(0, 5), rng.randint(0, 5)
+        return {
+            "instruction": "Add the two numbers and answer in words.",
+            "input": f"{a} and {b}",
+            "output": f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
+        }
+    items = rng.sample(ANIMALS, rng.randint(2, 6))
+    return {
+        "instruction": "How many animals are in the list?",
+        "input": ", ".join(items),
+        "output": f"There are {NUMBER_WORDS[len(items)]} animals.",
+    }
+
+
+COLOR_QUESTIONS = [
+    "What color is the {}?",
+    "Tell me the color of the {}.",
+    "Which color does the {} have?",
+    "What is the color of the {}?",
+    "Name the color of the {}.",
+    "Do you know the color of the {}?",
+]
+TRAIN_ROUNDS = 64  # the 150 training questions, each once per round in a fresh order: 9600 rows, 600 steps of 16
+
+
+def build_dataset(seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """The demo's train and held-out splits: one wording per thing held out, the other five for training.
+
+    The train file repeats its questions in shuffled rounds, so the demo's single epoch is its whole run and
+    ``max_steps_per_epoch`` alone sets the length, as for a real dataset."""
+    rng = random.Random(seed)
+    questions, heldout = [], []
+    for thing in THINGS:
+        held = rng.randrange(len(COLOR_QUESTIONS))
+        for i, wording in enumerate(COLOR_QUESTIONS):
+            e = {"instruction": wording.format(thing), "input": "", "output": f"The {thing} is {_color_of(thing)}."}
+            (heldout if i == held else questions).append(e)
+    train = [e for _ in range(TRAIN_ROUNDS) for e in rng.sample(questions, len(questions))]
+    return train, heldout
+
+
+# Held-out questions with answer options, for lora_tools.evaluate (evals/tiny_qa): each question's right answer
+# and three wrong ones that differ from it only in the color.
+CHOICES_SEED = SEED + 2  # a stream of its own
+
+
+def _wrong_answers(example: dict, rng: random.Random) -> list[str]:
+    thing, color = example["output"].removeprefix("The ").removesuffix(".").split(" is ")
+    return [f"The {thing} is {c}." for c in rng.sample([c for c in COLORS if c != color], 3)]
+
+
+def build_choice_questions(heldout: list[dict], seed: int = CHOICES_SEED) -> list[dict]:
+    """The held-out samples as questions: text as a user would type it, four options, the index of the right one
+    and the exact answer."""
+    rng = random.Random(seed)
+    out = []
+    for e in heldout:
+        choices = [e["output"], *_wrong_answers(e, rng)]
+        rng.shuffle(choices)
+        answer = choices.index(e["output"])
+        out.append({"question": _user_text(e), "choices": choices, "answer": answer, "output": e["output"]})
+    return out
+
+
+# Multi-turn chat data: five small tasks (_example) as OpenAI-style messages. System prompts use words the
+# vocabulary already has, so they cost a handful of tokens each; they ask for nothing the answers do not already do.
+N_CHAT_TRAIN, N_CHAT_HELDOUT = 1000, 100
+CHAT_SEED = SEED + 1  # a stream of its own
+SYSTEM_PROMPTS = [
+    "Write a response that appropriately completes the request.",
+    "Give a short answer.",
+    "Write the answer in words.",
+    "Give the answer in words.",
+]
+
+
+def _user_text(example: dict) -> str:
+    return example["instruction"] + (f"\n{example['input']}" if example["input"] else "")
+
+
+def _conversation(rng: random.Random) -> dict:
+    """One chat: half the time a system prompt, then one to three user/assistant exchanges."""
+    messages = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    for _ in range(rng.randint(1, 3)):
+        e = _example(rng)
+        messages += [{"role": "user", "content": _user_text(e)}, {"role": "assistant", "content": e["output"]}]
+    return {"messages": messages}
+
+
+def _first_user_text(conversation: dict) -> str:
+    return next(m["content"] for m in conversation["messages"] if m["role"] == "user")
+
+
+def build_chat_dataset(seed: int = CHAT_SEED) -> tuple[list[dict], list[dict]]:
+    """Train and held-out chats; no held-out chat opens with a user message that train contains anywhere."""
+    rng = random.Random(seed)
+    train = [_conversation(rng) for _ in range(N_CHAT_TRAIN)]
+    seen = {m["content"] for c in train for m in c["messages"] if m["role"] == "user"}
+    heldout = []
+    while len(heldout) < N_CHAT_HELDOUT:
+        c = _conversation(rng)
+        if _first_user_text(c) not in seen:
+            heldout.append(c)
+            seen.add(_first_user_text(c))
+    return train, heldout
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------
+
+# Text the real pipeline wraps around each sample (torchtune's alpaca prompt and Llama 3 chat headers), so
+# that common words become single tokens rather than bytes.
+_TEMPLATE_TEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n\n\n### Input:\n\n\n"
+    "### Response:\n system user assistant ipython The quick brown fox jumps over the lazy dog."
+)
+
+
+def build_bpe_ranks(texts: list[str]) -> dict[bytes, int]:
+    """A byte-level BPE vocabulary: all 256 bytes, then every prefix of every pre-tokenised piece.
+
+    tiktoken merges adjacent parts whose concatenation has a rank, so keeping each piece's prefixes makes
+    every piece reachable by merges; sorting by (length, bytes) makes the file deterministic.
+    """
+    pieces = set()
+    for text in texts:
+        pieces.update(p.encode() for p in regex.findall(CL100K_PATTERN, text))
+    merged = {p[:n] for p in pieces for n in range(2, len(p) + 1)}
+    ranks = {bytes([b]): b for b in range(256)}
+    for token in sorted(merged, key=lambda t: (len(t), t)):
+        ranks[token] = len(ranks)
+    return ranks
+
+
+def special_tokens(base_vocab: int) -> dict[str, int]:
+    """Llama 3's 256 special tokens, same names and order, numbered to follow our base vocabulary (Llama 3's
+    start at 128000; its <|image|> sits at 128256, here in the slot it would otherwise leave empty)."""
+    names = LLAMA3_FIRST_SPECIAL_TOKENS + [f"<|reserved_special_token_{i}|>" for i in range(2, 245)]
+    return {name: base_vocab + i for i, name in enumerate(names)}
+
+
+# --- the same tokenizer in Hugging Face's format -------------------------------------------------------
+
+BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|eot_id|>"  # as Llama 3.2 Instruct's tokenizer_config.json
+
+# Llama 3.2 Instruct's chat format (what its own template renders when no tools are given), written for this
+# project. Hugging Face renders chat templates with trim_blocks and lstrip_blocks, and passes `messages`,
+# `add_generation_prompt`, `bos_token`, `tools` and the caller's extra keywords; `strftime_now` and
+# `raise_exception` are globals it provides. The system block is always written, with today's date unless the
+# caller passes `date_string`; only the first message may be a system message.
+CHAT_TEMPLATE = r"""{{- bos_token }}
+{%- if date_string is not defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if messages and messages[0]["role"] == "system" %}
+    {%- set system_text = messages[0]["content"] | trim %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set system_text = "" %}
+    {%- set turns = messages %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " ~ date_string ~ "\n\n" }}
+{{- system_text ~ "<|eot_id|>" }}
+{%- for message in turns %}
+    {%- if message["role"] == "system" %}
+        {{- raise_exception("Only the first message may have the role 'system'.") }}
+    {%- elif message["role"] not in ["user", "assistant"] %}
+        {{- raise_exception("Unsupported role '" ~ message["role"] ~ "': use system, user or assistant.") }}
+    {%- endif %}
+    {{- "<|start_header_id|>" ~ message["role"] ~ "<|end_header_id|>\n\n" }}
+    {{- (message["content"] | trim) ~ "<|eot_id|>" }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- "<|start_header_id|>assistant<|end_header_id|>\n\n" }}
+{%- endif %}"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as one printable character, so a token's bytes become a string.
+
+    Bytes that are printable Latin-1 characters (other than space and the soft hyphen) stand for themselves;
+    the other 68 bytes take the characters 256, 257, ... in byte order (so a space is "Ġ", a newline "Ċ").
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in visible}
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + len(table) - len(visible))
+    return dict(sorted(table.items()))
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Merge rules under which Hugging Face's BPE cuts text as tiktoken does with ``ranks``.
+
+    tiktoken repeatedly joins the adjacent pair of parts whose concatenation has the lowest rank; every part is
+    a token. So each token of two or more bytes gets a rule for every way to split it into two tokens, and
+    rules are ordered by the joined token's rank (then by the halves' ranks, which only orders equal results).
+    """
+    merges = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def hf_tokenizer_json(ranks: dict[bytes, int], specials: dict[str, int]) -> dict:
+    """A tokenizer.json laid out like Llama 3's: the pre-tokenisation pattern, byte-level BPE with
+    ``ignore_merges`` (a piece that is a token is taken whole, as tiktoken does), the special tokens as added
+    tokens, and <|begin_of_text|> put in front by the post-processor."""
+    alphabet = bytes_to_unicode()
+
+    def show(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    bos = {"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": name,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for name, i in sorted(specials.items(), key=lambda x: x[1])
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": CL100K_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "Sequence",
+            "processors": [
+                {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+                {
+                    "type": "TemplateProcessing",
+                    "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [
+                        bos,
+                        {"Sequence": {"id": "A", "type_id": 0}},
+                        {"SpecialToken": {"id": BOS_TOKEN, "type_id": 1}},
+                        {"Sequence": {"id": "B", "type_id": 1}},
+                    ],
+                    "special_tokens": {
+                        BOS_TOKEN: {"id": BOS_TOKEN, "ids": [specials[BOS_TOKEN]], "tokens": [BOS_TOKEN]}
+                    },
+                },
+            ],
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {show(token): rank for token, rank in ranks.items()},
+            "merges": [f"{show(left)} {show(right)}" for left, right in bpe_merges(ranks)],
+        },
+    }
+
+
+def write_hf_tokenizer(out: Path, ranks: dict[bytes, int], specials: dict[str, int]) -> None:
+    """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+    tokenizer = hf_tokenizer_json(ranks, specials)
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "model_max_length": 131072,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+
+def build_model_state(
+    vocab_size: int, shape: dict = MODEL, seed: int = SEED, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random Llama-3.2-shaped weights in torchtune's key format: normal(0, INIT_GAIN / sqrt(width)), norms at 1."""
+    from torchtune.models.llama3_2 import llama3_2
+    from torchtune.training import set_default_dtype
+
+    torch.manual_seed(seed)
+    with set_default_dtype(dtype), torch.device(device):
+        model = llama3_2(vocab_size=vocab_size, tie_word_embeddings=True, **shape)
+    std = INIT_GAIN * shape["embed_dim"] ** -0.5
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # RMSNorm scales
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+    return {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def hf_config(vocab_size: int, specials: dict[str, int], shape: dict = MODEL, dtype: str = "float32") -> dict:
+    head_dim = shape["embed_dim"] // shape["num_heads"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": shape["embed_dim"],
+        "intermediate_size": shape["intermediate_dim"],
+        "num_hidden_layers": shape["num_layers"],
+        "num_attention_heads": shape["num_heads"],
+        "num_key_value_heads": shape["num_kv_heads"],
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,  # as Llama 3.2; RoPE is computed, not stored
+        "rms_norm_eps": shape["norm_eps"],
+        "rope_theta": float(shape["rope_base"]),
+        "rope_scaling": {
+            "factor": float(shape["scale_factor"]),
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": dtype,
+        "bos_token_id": specials["<|begin_of_text|>"],
+        "eos_token_id": [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")],
+        "pad_token_id": specials["<|finetune_right_pad_id|>"],
+    }
+
+
+def write_model(
+    out: Path,
+    vocab_size: int,
+    specials: dict[str, int],
+    shape: dict = MODEL,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """A random model of ``shape`` as Hugging Face files: model.safetensors, config.json, generation_config.json."""
+    from torchtune.models.convert_weights import tune_to_hf
+
+    state = build_model_state(vocab_size, shape, device=device, dtype=dtype)
+    head_dim = shape["embed_dim"] // shape["num_heads"]
+    hf_state = tune_to_hf(state, shape["num_heads"], shape["num_kv_heads"], shape["embed_dim"], head_dim)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(vocab_size, specials, shape, dtype=str(dtype).removeprefix("torch."))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (out / "generation_config.json").write_text(json.dumps({**generation, "do_sample": False}, indent=2) + "\n")
+
+
+def build(out: Path) -> dict:
+    """Write every asset under ``out``; returns a small summary. Deterministic: same bytes every run."""
+    train, heldout = build_dataset()
+    chat_train, chat_heldout = build_chat_dataset()
+    texts = [_TEMPLATE_TEXT, *SYSTEM_PROMPTS] + [v for e in train + heldout for v in e.values()]
+    texts += [m["content"] for c in chat_train + chat_heldout for m in c["messages"]]
+    ranks = build_bpe_ranks(texts)
+    specials = special_tokens(len(ranks))
+    vocab_size = len(ranks) + len(specials)
+
+    (out / "original").mkdir(parents=True, exist_ok=True)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    with open(out / "original" / "tokenizer.model", "w") as f:
+        for token, rank in ranks.items():
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    added = [{"id": i, "content": t, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
+    (out / "special_tokens.json").write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
+
+    write_model(out, vocab_size, specials)
+
+    write_hf_tokenizer(out, ranks, specials)
+
+    (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
+    (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")
+    choices = build_choice_questions(heldout)
+    (out / "data" / "heldout_choices.jsonl").write_text("".join(json.dumps(q) + "\n" for q in choices))
+    for name, chats in (("chat_train.jsonl", chat_train), ("chat_heldout.jsonl", chat_heldout)):
+        (out / "data" / name).write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return {
+        "vocab_size": vocab_size,
+        "train": len(train),
+        "heldout": len(heldout),
+        "chat_train": len(chat_train),
+        "chat_heldout": len(chat_heldout),
+        "out": str(out),
+    }
