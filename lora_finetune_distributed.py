@@ -4,7 +4,7 @@ Launch from the repository root, one process per GPU:
 
     tune run --nproc_per_node 4 lora_finetune_distributed.py --config configs/llama3_2_3b_lora_distributed.yaml
 
-Across several machines, torchrun's rendezvous options come before the recipe (see README, "Several GPUs").
+Across several machines, torchrun's rendezvous options come before the recipe (see docs/multi-gpu.md).
 
 Every process runs the recipe class of lora_finetune_single_device.py with the FSDP2 strategy
 (lora_tools.train.parallel) in place of the one-device one. Config keys, outputs, checkpoints, exact resume and

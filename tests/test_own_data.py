@@ -1,4 +1,4 @@
-"""Your own data: conversations and instructions in every format the README lists.
+"""Your own data: conversations and instructions in every format docs/data.md lists.
 
 Each is rendered exactly as transformers' ``apply_chat_template`` renders the tiny model's chat template (run in
 .venv-hf on the model's own tokenizer files), trained end to end, and summarized with counts the test makes itself.

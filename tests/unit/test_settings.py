@@ -1,5 +1,5 @@
-"""lora_tools.settings and the config parser in lora_tools.launch, in-process: every shipped config parses, and
-each kind of mistake is one line that names the key, the file and the fix."""
+"""lora_tools.config.settings and the config parser in lora_tools.config.loader, in-process: every shipped config
+parses, and each kind of mistake is one line that names the key, the file and the fix."""
 
 import ast
 import dataclasses
