@@ -17,7 +17,7 @@ from lora_tools.errors import UserError
 from lora_tools.memory import plan
 from lora_tools.train.model import checkpoint_layers
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 GIB = 2**30
 # bench/run.py's variants as memory settings (batch 4 x 2048 rows, 28 layers)
