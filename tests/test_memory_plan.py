@@ -3,7 +3,6 @@ bench/results and against a real CPU run's peak as torch.profiler counts it; the
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lora_tools import memory
+from lora_tools import plan as plan_command
 from lora_tools.config import settings
 from lora_tools.config.loader import load_config
 from lora_tools.errors import UserError
@@ -162,15 +162,12 @@ def test_checkpoint_layers_spreads_them_evenly():
         "configs/tiny.yaml",
     ],
 )
-def test_plan_prints_for_every_shipped_config_in_under_a_minute(config, capsys):
-    t0 = time.perf_counter()
-    assert plan.main(["--config", config]) == 0
-    seconds = time.perf_counter() - t0
+def test_plan_prints_for_every_shipped_config(config, capsys):
+    assert plan_command.main(["--config", config]) == 0
     out = capsys.readouterr().out
     assert "As configured" in out and "predicted peak" in out and "allocator overhead" in out
     for part in memory.PARTS:
         assert part in out
-    assert seconds < 60, seconds
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lora_tools import REPO
 from lora_tools.config.settings import as_list
 
 PACKAGES = ("torch", "torchtune", "torchao", "transformers", "peft")
@@ -27,9 +28,8 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None

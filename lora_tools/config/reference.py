@@ -16,9 +16,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from lora_tools import REPO
 from lora_tools.config import settings
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+DOC = REPO / "docs" / "config.md"
 COMMAND = "python -m lora_tools.config.reference --write"
 
 _NAMES = {bool: "bool", int: "int", float: "float", str: "str", DictConfig: "section", ListConfig: "list of sections"}

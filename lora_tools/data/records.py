@@ -99,8 +99,8 @@ def json_rows(path: Path, field: str | None = None) -> Iterator[tuple[int, objec
             yield number, json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(
-                f"dataset file {path}, row {number}: not valid JSON ({e.msg}, column {e.colno}); "
-                "each line of a JSON Lines file must be one JSON object"
+                f"dataset file {path} is not valid JSON (line {number}, column {e.colno}: {e.msg}); each line"
+                " of a JSON Lines file must be one JSON object"
             )
 
 

@@ -22,7 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.tasks import TaskManager
 from torchtune.modules.peft import disable_adapter
 
-from lora_tools import checkpoints
+from lora_tools import REPO, checkpoints
 from lora_tools.data.chat_template import SpecialTokenText
 from lora_tools.errors import UserError
 from lora_tools.eval.inference import PromptFormat, greedy, last_position_logits
@@ -30,7 +30,7 @@ from lora_tools.train import tracking
 from lora_tools.train.decoder import Trunk
 
 # Local tasks shipped with the project (the tiny demo's questions); always on the harness's search path.
-EVALS_DIR = Path(__file__).resolve().parent.parent / "evals"
+EVALS_DIR = REPO / "evals"
 EVAL_FILE = "eval.json"
 
 
