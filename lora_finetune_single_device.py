@@ -87,10 +87,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
 
     def setup(self) -> None:
         c = self.cfg
-        resume = self._load_resume_state() if c.resume_from_checkpoint else None
         model_checks.check_builder_matches_checkpoint(c.model, Path(c.checkpointer.checkpoint_dir))
-        if resume:
-            model_checks.check_adapter_matches(c.model, resume["adapter"], self.last_checkpoint)
+        resume = self._load_resume_state() if c.resume_from_checkpoint else None
 
         self._tokenizer = config.instantiate(c.tokenizer)
         self._prompt_format = PromptFormat(c, self._tokenizer)  # sample prompts formatted as the training data
@@ -145,12 +143,13 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             log.warning(f"resume_from_checkpoint is True but {c.output_dir} has no checkpoint yet: starting fresh.")
             return None
         state = checkpoints.load_recipe_state(folder)
-        changes = provenance.changes(json.loads((folder / checkpoints.PROVENANCE).read_text()), self._provenance)
-        if changes:
-            log.warning(f"Resuming from {folder} with changes since it was saved: {'; '.join(changes)}")
+        model_checks.check_adapter_matches(c.model, state["adapter"], folder)
         checkpoints.check_same_geometry(
             state, folder, self._strategy.name, c.batch_size, c.gradient_accumulation_steps, self._strategy.world_size
         )
+        changes = provenance.changes(json.loads((folder / checkpoints.PROVENANCE).read_text()), self._provenance)
+        if changes:  # after the checks: a refused resume prints its error alone
+            log.warning(f"Resuming from {folder} with changes since it was saved: {'; '.join(changes)}")
         log.info(f"Resuming from {folder} (step {state['global_step']}).")
         self.seed = training.set_seed(seed=state["seed"])  # the data order depends on it
         self.global_step = state["global_step"]
@@ -168,6 +167,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         name = "val_dataset" if evaluation else "dataset"
         built = batching.build_dataset(section, self._tokenizer, ignore, name)
         if s.is_main:
+            if not evaluation:
+                built.summary.require_trained_tokens(name)
             built.summary.log(name)
         collate = batching.collate_for(built.packed, c.collate_fn, self._tokenizer.pad_id, ignore)
         if evaluation:

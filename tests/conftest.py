@@ -21,6 +21,35 @@ TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 TUNE = str(Path(sys.executable).parent / "tune")
 TORCHAO_NOTICE = "Skipping import of cpp extensions due to incompatible torch version"
 
+# ---- tolerances derived from float32 rounding ----
+# Two runs that do the same arithmetic in another order (other batch shapes, other kernels on another CPU, sums
+# split across processes) round differently. A sum of n float32 terms, modelling each rounding error as
+# independent with mean zero, is off from the exact sum by at most LAMBDA * sqrt(n) * U32 * sum(|term|), except
+# with probability below 2n * exp(-LAMBDA**2 / 2) (Higham & Mary, "A new approach to probabilistic rounding error
+# analysis", SIAM J. Sci. Comput. 41(5), 2019, Theorem 3.1): below 1e-6 for n = 2**14 with LAMBDA = 7. Two
+# orders differ by at most twice that. The tests take the magnitude of a quantity (a loss, a gradient norm) as
+# the sum of its terms' magnitudes, which holds when the terms do not cancel.
+U32 = 2.0**-24
+LAMBDA = 7.0
+
+
+def rounding(n: int) -> float:
+    """Relative difference two float32 summation orders of n terms can make (see above)."""
+    return 2 * LAMBDA * math.sqrt(n) * U32
+
+
+def sgd_travel(out: Path, filename: str, momentum: float) -> dict[int, float]:
+    """By step t, how far SGD with this momentum could have moved any weight: the sum over steps s <= t of
+    lr_s * |momentum buffer_s|, the buffer bounded by the logged gradient norms (sum of momentum**(s-r) * |g_r|).
+    A relative gradient error eps at every step moves the weights apart by at most eps times this."""
+    lr, grad_norm = per_step(out, filename, "lr"), per_step(out, filename, "grad_norm")
+    travel, buffer, total = {}, 0.0, 0.0
+    for step in sorted(lr):
+        buffer = momentum * buffer + grad_norm[step]
+        total += lr[step] * buffer
+        travel[step] = total
+    return travel
+
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_assets():

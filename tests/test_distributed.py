@@ -6,18 +6,38 @@ import os
 import shutil
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, TORCHAO_NOTICE, final_adapter, latest_checkpoint, per_step, pointer, tune_run, wait_for
+import torch
+from conftest import (
+    TINY,
+    TORCHAO_NOTICE,
+    final_adapter,
+    latest_checkpoint,
+    per_step,
+    pointer,
+    rounding,
+    sgd_travel,
+    tune_run,
+    wait_for,
+)
 
 from lora_tools.demo.assets import THINGS
 
 # 165 training samples (odd: the split across processes drops one, as one device's last partial batch does),
 # a global batch of 8 as 2 micro-batches, 20 optimizer steps over 2 epochs, 29 held-out samples (odd: one
 # process's share is padded) scored every 5 steps, sample answers generated before training and at the end.
+# SGD with momentum, not AdamW: its update is linear in the gradient, so a rounding difference in the gradient
+# moves the weights by that much (Adam divides by the gradient's own size, which turns a last-bit difference on a
+# weight whose gradient is near zero into a whole step).
+SGD = ["optimizer._component_=torch.optim.SGD", "optimizer.lr=0.1", "optimizer.momentum=0.9"]
+MOMENTUM = 0.9
+# The longest float32 sums in a step: over the 8 x 512 token positions of a global batch, plus the widths a value
+# is summed over on its way through the tiny model's 4 layers (256, 768) and its head (1229 tokens), about 6,300.
+SUM_LENGTH = 2**14
 COMMON = [
+    *SGD,
     "dataset.split=train[:165]",
     "val_dataset.split=train[:29]",
     "gradient_accumulation_steps=2",
@@ -48,21 +68,34 @@ def sample_lines(run) -> list[str]:
     return [line[line.index("sample at step") :] for line in text.splitlines() if "sample at step" in line]
 
 
-def assert_same_training(single: Path, multi: Path) -> None:
-    """Per-step losses, validation losses and token counts to 1e-4; the final adapter to 5e-5 (fp32 sums taken in
-    another order, carried through 20 AdamW steps: 1.4e-5 measured on the adapter's values of about 0.1)."""
-    for key in ("loss", "val_loss", "trained_tokens"):
-        want, got = per_step(single, "log.txt", key), per_step(multi, "log.txt", key)
-        assert sorted(got) == sorted(want) and want, key
+def assert_same_training(single: Path, multi: Path, filename: str = "log.txt") -> None:
+    """The same training, up to float32 rounding (see conftest.rounding): sums split across processes and batch
+    shapes of another size add the same terms in another order, a relative difference of at most
+    eps = rounding(SUM_LENGTH) in each gradient. Under SGD the weights then differ by at most eps times the distance
+    the gradients could move them (sgd_travel), and a logged loss by eps times itself plus its gradient norm times
+    that weight difference. Token counts are integers: equal."""
+    eps = rounding(SUM_LENGTH)
+    travel = sgd_travel(single, filename, MOMENTUM)
+    grad_norm = per_step(single, filename, "grad_norm")
+    assert per_step(multi, filename, "trained_tokens") == per_step(single, filename, "trained_tokens")
+    assert sorted(per_step(multi, filename, "loss")) == list(range(1, max(travel) + 1))
+    for key in ("loss", "val_loss"):
+        want, got = per_step(single, filename, key), per_step(multi, filename, key)
+        assert sorted(got) == sorted(want), key
         for step in want:
-            assert got[step] == pytest.approx(want[step], abs=1e-4), (key, step)
-    assert sorted(per_step(multi, "log.txt", "loss")) == list(range(1, 21))
+            # val_loss is scored on training samples (val_dataset is a slice of the training split): the training
+            # gradient's norm stands in for its own.
+            weights = grad_norm.get(max(step, 1), 0.0) * travel.get(step - (key == "loss"), 0.0)
+            bound = eps * (abs(want[step]) + weights)
+            assert abs(got[step] - want[step]) <= bound, (key, step, got[step] - want[step], bound)
 
     want, got = final_adapter(single), final_adapter(multi)
     assert want.keys() == got.keys()
-    for name in want:
-        assert (want[name] - got[name]).abs().max().item() <= 5e-5, name
-    assert max(got[n].abs().max().item() for n in got if "lora_b" in n) > 1e-3  # the adapter did train
+    bound = eps * travel[max(travel)]
+    worst = max((want[name] - got[name]).abs().max().item() for name in want)
+    print(f"adapter difference {worst:.3g}, bound {bound:.3g}")
+    assert worst <= bound, (worst, bound)
+    assert max(got[n].abs().max().item() for n in got if "lora_b" in n) > 10 * bound  # the adapter did train
 
 
 def test_two_processes_train_exactly_as_one_device(uninterrupted):
@@ -109,10 +142,8 @@ def test_resume_after_one_process_is_killed_ends_with_the_same_adapter(uninterru
     proc = tune_run(out, *COMMON, *TWO_PROCESSES, "metric_logger.filename=log_first.txt", nproc=2, wait=False)
     wait_for(lambda: pointer(out) == "step_0000008", proc=proc)
     os.kill(_rank_pid(proc.pid, rank=1), signal.SIGKILL)
-    t0 = time.monotonic()
-    proc.communicate(timeout=120)
+    proc.communicate(timeout=120)  # torchrun takes the whole job down; nothing hangs
     assert proc.returncode != 0
-    assert time.monotonic() - t0 < 60  # torchrun takes the whole job down; nothing hangs
 
     resumed = tune_run(
         out, *COMMON, *TWO_PROCESSES, "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt", nproc=2
@@ -123,12 +154,10 @@ def test_resume_after_one_process_is_killed_ends_with_the_same_adapter(uninterru
     want = per_step(multi, "log.txt", "loss")
     got = per_step(out, "log_resumed.txt", "loss")
     assert sorted(got) == list(range(first_resumed, 21))
-    for step in got:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
-
+    # The same processes and thread counts do the same operations in the same order: no tolerance.
+    assert got == {step: want[step] for step in got}
     want, got = final_adapter(multi), final_adapter(out)
-    for name in want:
-        assert (want[name] - got[name]).abs().max().item() <= 1e-6, name
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
 
 
 def test_two_machines_meeting_at_a_rendezvous_train_the_same(uninterrupted, tmp_path):
@@ -144,10 +173,8 @@ def test_two_machines_meeting_at_a_rendezvous_train_the_same(uninterrupted, tmp_
     for node in nodes:
         node.communicate(timeout=600)
         assert node.returncode == 0
-    # Each launcher sets its own thread count, so float sums differ in the last bits (measured 7e-7).
-    want, got = final_adapter(multi), final_adapter(out)
-    for name in want:
-        assert (want[name] - got[name]).abs().max().item() <= 1e-5, name
+    # Each launcher sets its own thread count, so float sums are taken in another order.
+    assert_same_training(multi, out)
 
 
 def test_sigterm_to_the_launcher_saves_the_last_completed_step(tmp_path):
@@ -232,16 +259,12 @@ def test_untied_output_lora_with_a_process_that_has_no_trained_token(tmp_path):
         "max_steps_per_epoch=5",
         "lr_scheduler.num_warmup_steps=1",
         "metric_logger.filename=log.txt",
+        *SGD,
     ]
     single = tune_run(tmp_path / "single", *common, "batch_size=2")
     assert single.returncode == 0, single.stderr_text[-3000:]
     multi = tune_run(tmp_path / "multi", *common, "batch_size=1", nproc=2, timeout=180)
     assert multi.returncode == 0, multi.stderr_text[-3000:]
-    assert per_step(tmp_path / "multi", "log.txt", "loss") == pytest.approx(
-        per_step(tmp_path / "single", "log.txt", "loss"), abs=1e-4
-    )
-    want, got = final_adapter(tmp_path / "single"), final_adapter(tmp_path / "multi")
-    assert any("output.lora_b" in name for name in got)
-    for name in want:
-        assert (want[name] - got[name]).abs().max().item() <= 1e-5, name
-    assert got["output.lora_b.weight"].abs().max().item() > 1e-4  # the head's adapter did train
+    assert_same_training(tmp_path / "single", tmp_path / "multi")
+    trained = final_adapter(tmp_path / "multi")["output.lora_b.weight"].abs().max().item()
+    assert trained > 10 * rounding(SUM_LENGTH) * max(sgd_travel(tmp_path / "single", "log.txt", MOMENTUM).values())

@@ -3,15 +3,17 @@
 import math
 from collections import Counter
 
-import pytest
 import torch
-from conftest import logged_metrics, tiny_cfg
+from conftest import logged_metrics, rounding, tiny_cfg
 from torchtune import config, utils
 
 from lora_finetune_single_device import LoRAFinetuneRecipe
 from lora_tools.config import settings
 
 IGNORE = -100
+# The longest float32 sums in these steps: over a batch's token positions (at most 4 x 512 here) plus the widths a
+# value is summed over through the tiny model's 4 layers (256, 768) and head (1229), about 6,300 in all.
+SUM_LENGTH = 2**13
 
 
 def make_recipe(tmp_path, **overrides):
@@ -60,9 +62,10 @@ def test_packed_batches_train_on_the_same_pairs_and_loss(tmp_path):
         expected.update((tokens[i], tokens[i + 1]) for i in range(len(tokens) - 1) if labels[i + 1] != IGNORE)
     assert pairs(unpacked._dataloader) == expected
     assert pairs(packed._dataloader) == expected
-    # Same weights (same seed, no training yet), so the per-token mean loss over the same samples must agree.
+    # Same weights (same seed, no training yet), so the per-token mean loss over the same samples must agree, up to
+    # float32 rounding: packed rows sum the same terms in other shapes (conftest.rounding).
     loss_unpacked, loss_packed = mean_loss(unpacked, unpacked._dataloader), mean_loss(unpacked, packed._dataloader)
-    assert loss_packed == pytest.approx(loss_unpacked, abs=1e-5)
+    assert abs(loss_packed - loss_unpacked) <= rounding(SUM_LENGTH) * loss_unpacked
 
 
 def _one_sgd_step(tmp_path, batch_size, accumulation):
@@ -82,11 +85,15 @@ def _one_sgd_step(tmp_path, batch_size, accumulation):
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    """Two micro-batches of 2 give the gradient of one batch of 4, up to float32 rounding (conftest.rounding): each
+    element of the SGD update may differ by the relative rounding of a sum times the update's size (its norm)."""
     small = _one_sgd_step(tmp_path, batch_size=2, accumulation=2)
     large = _one_sgd_step(tmp_path, batch_size=4, accumulation=1)
-    assert max(u.abs().max().item() for u in large.values()) > 1e-3  # the step did move the adapters
-    for name in large:
-        torch.testing.assert_close(small[name], large[name], atol=1e-5, rtol=0)
+    size = torch.cat([u.flatten() for u in large.values()]).norm().item()
+    bound = rounding(SUM_LENGTH) * size
+    assert max(u.abs().max().item() for u in large.values()) > 100 * bound  # the step did move the adapters
+    worst = max((small[name] - large[name]).abs().max().item() for name in large)
+    assert worst <= bound, (worst, bound)
 
 
 def test_base_weights_bit_identical_and_only_lora_trains(tmp_path):

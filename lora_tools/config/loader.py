@@ -186,7 +186,8 @@ class Loaded:
 
 def load(argv: list[str], description: str = "") -> Loaded:
     """``--config FILE key=value ...`` read, merged and checked once; raises UserError on bad input."""
-    source = parse_args(argv, description)[0]
+    file, overrides = parse_args(argv, description)
+    source = settings.Origin(file, overrides)
     cfg = load_config(argv, description)
     return Loaded(source, cfg, settings.parse(cfg, source))
 
@@ -194,4 +195,5 @@ def load(argv: list[str], description: str = "") -> Loaded:
 def with_overrides(config: Loaded, overrides: list[str]) -> Loaded:
     """The config with more ``key=value`` overrides (a memory plan's choice), checked again."""
     cfg = apply_overrides(config.cfg.copy(), overrides, config.source)
-    return Loaded(config.source, cfg, settings.parse(cfg, config.source))
+    source = settings.Origin(config.source, [*getattr(config.source, "overrides", ()), *overrides])
+    return Loaded(source, cfg, settings.parse(cfg, source))

@@ -7,12 +7,14 @@ writes anything (output_dir included).
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from lora_tools import REPO
 from lora_tools.config import settings
 from lora_tools.config.env import wandb_key_shape_error
 from lora_tools.data import records
@@ -25,6 +27,10 @@ REQUIRED_FIELDS = {
     "alpaca_cleaned_dataset": ("instruction", "input", "output"),
 }
 LOCAL_SOURCES = {"json", "csv", "parquet", "text", "arrow"}
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+DEMO_ASSETS = REPO / "assets" / "tiny"
+# A folder named after a Llama 3.2 model, as `python -m lora_tools.download` names it.
+MODEL_FOLDER = re.compile(r"Llama-3\.2-\d+B(-Instruct)?")
 
 
 def run_all(cfg: DictConfig) -> None:
@@ -36,28 +42,37 @@ def run_all(cfg: DictConfig) -> None:
     check_output_dir(cfg)
 
 
-def download_hint(checkpoint_dir: str) -> str:
-    folder = Path(checkpoint_dir)
-    if "tiny" in folder.name:
-        return f"build it with: python -m lora_tools.tiny_assets --out {checkpoint_dir}"
-    return f"download it with: python -m lora_tools.download meta-llama/{folder.name} --output-dir {checkpoint_dir}"
+def download_hint(path: str) -> str:
+    """The fix for a missing model folder or file at ``path``: rebuild the demo's model where it lives, download a
+    Llama 3.2 model into a folder named after it, and otherwise check the path."""
+    given = Path(path)
+    here = given.resolve()
+    if here == DEMO_ASSETS or DEMO_ASSETS in here.parents:
+        return f"build it with: python -m lora_tools.tiny_assets --out {os.path.relpath(DEMO_ASSETS)}"
+    for i, part in enumerate(given.parts):
+        if MODEL_FOLDER.fullmatch(part):
+            folder = Path(*given.parts[: i + 1])
+            return f"download it with: python -m lora_tools.download meta-llama/{part} --output-dir {folder}"
+    return (
+        "check the path: a model fetched with python -m lora_tools.download meta-llama/Llama-3.2-3B-Instruct "
+        "--output-dir DIR holds config.json, model-*.safetensors and original/tokenizer.model"
+    )
 
 
 def check_model_files(cfg: DictConfig) -> None:
     ckpt = cfg.checkpointer
     ckpt_dir = Path(ckpt.checkpoint_dir)
-    hint = download_hint(str(ckpt.checkpoint_dir))
     if not ckpt_dir.is_dir():
-        raise UserError(f"checkpointer.checkpoint_dir {ckpt_dir} does not exist; {hint}")
+        raise UserError(f"checkpointer.checkpoint_dir {ckpt_dir} does not exist; {download_hint(str(ckpt_dir))}")
     files = ckpt.checkpoint_files
     names = settings.as_list(files)
     for name in names:
         if not (ckpt_dir / str(name)).is_file():
-            raise UserError(f"checkpoint file {ckpt_dir / str(name)} is missing; {hint}")
+            raise UserError(f"checkpoint file {ckpt_dir / str(name)} is missing; {download_hint(str(ckpt_dir))}")
     for key in ("path", "special_tokens_path"):
         path = cfg.tokenizer.get(key, None)
         if path is not None and not Path(path).is_file():
-            raise UserError(f"tokenizer.{key} {path} is missing; {hint}")
+            raise UserError(f"tokenizer.{key} {path} is missing; {download_hint(str(path))}")
 
 
 def check_device(cfg: DictConfig) -> None:
@@ -105,7 +120,13 @@ def _dataset_cfgs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 def check_datasets(cfg: DictConfig) -> None:
     for section, ds in _dataset_cfgs(cfg):
         source = str(ds.get("source", ""))
-        if source not in LOCAL_SOURCES or ds.get("data_files", None) is None:
+        _check_source_folder(source, section)
+        if source in LOCAL_SOURCES and ds.get("data_files", None) is None:
+            raise UserError(
+                f"{section}.source is {source} but {section}.data_files is not set, so every {source} file under "
+                f"the working directory would be read; set {section}.data_files=path/to/your/file"
+            )
+        if source not in LOCAL_SOURCES:
             continue
         files = ds.data_files
         paths = [Path(str(p)) for p in settings.as_list(files)]
@@ -127,6 +148,20 @@ def check_datasets(cfg: DictConfig) -> None:
                 _check_fields(path, rows, builder, dict(ds.get("column_map", None) or {}))
             elif builder == "chat_dataset":
                 _check_conversations(path, rows, section, ds)
+
+
+def _check_source_folder(source: str, section: str) -> None:
+    """A folder given as the source must hold data files (datasets would read a README.txt as text data)."""
+    folder = Path(source)
+    if not source or not folder.is_dir():
+        return
+    if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+        held = sorted(p.name for p in folder.iterdir())[:5]
+        holds = f"it holds only {', '.join(held)}" if held else "it is empty"
+        raise UserError(
+            f"{section}.source {source} is a folder without data files ({', '.join(DATA_SUFFIXES)}; {holds}); put "
+            f"your data files there or point {section}.source at one file"
+        )
 
 
 def _check_fields(path: Path, rows: list, builder: str, column_map: dict) -> None:

@@ -11,7 +11,6 @@ import dataclasses
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig

@@ -26,6 +26,28 @@ from lora_tools.errors import UserError
 _REQUIRED = object()
 
 
+class Origin(str):
+    """Where a config came from: its file (the string itself) and the command-line overrides, so an error names
+    the override that set a bad key rather than the file."""
+
+    def __new__(cls, file: str, overrides: list[str] | tuple[str, ...] = ()):
+        origin = super().__new__(cls, file)
+        origin.overrides = tuple(overrides)
+        return origin
+
+    def of(self, key: str) -> str:
+        """The last override that set ``key`` or a section above it, else the file."""
+        for arg in reversed(self.overrides):
+            name = arg.split("=", 1)[0].lstrip("~+")
+            if key == name or key.startswith(name + "."):
+                return f"override {arg}"
+        return str(self)
+
+
+def _of(source: str, key: str) -> str:
+    return source.of(key) if isinstance(source, Origin) else source
+
+
 def setting(doc: str, default: Any = _REQUIRED, **rules: Any) -> Any:
     """A field of RecipeSettings: its one-line doc, its default (none: the key is required) and its rules."""
     metadata = {"doc": doc, "required": default is _REQUIRED, **rules}
@@ -488,7 +510,7 @@ def _show(value: Any) -> str:
 
 def _bad_value(source: str, key: str, value: Any, expected: str, who: str = "") -> UserError:
     return UserError(
-        f"{source}: {key} is {_show(value)}, but {who or 'it must be '}{expected}; "
+        f"{_of(source, key)}: {key} is {_show(value)}, but {who or 'it must be '}{expected}; "
         f"fix {key} in the config or pass {key}=... on the command line"
     )
 
@@ -500,7 +522,7 @@ def _unknown(source: str, key: str, name: str, candidates: list[str], component:
     match = [alias] if alias in candidates else difflib.get_close_matches(name, candidates, n=1)
     where = f" for {component}" if component else ""
     hint = f"; did you mean '{prefix}{match[0]}'?" if match else ""
-    return UserError(f"{source}: unknown key '{key}'{where}{hint} (remove it or fix the spelling)")
+    return UserError(f"{_of(source, key)}: unknown key '{key}'{where}{hint} (remove it or fix the spelling)")
 
 
 def _resolve(cfg: DictConfig, source: str) -> dict:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from torchtune import utils
 
+from lora_tools.errors import UserError
+
 log = utils.get_logger("INFO")
 
 TRUNCATION_WARNING_SHARE = 0.01  # the recipes warn when more than this share of samples is truncated
@@ -105,6 +107,15 @@ class DataSummary:
             f"tokenizer.max_seq_len={self.max_seq_len} and are cut; raise tokenizer.max_seq_len{hint} or shorten "
             "those samples"
         )
+
+    def require_trained_tokens(self, name: str = "dataset") -> None:
+        """Refuse training data in which no sample keeps a token to train on (all cut before their answer)."""
+        if self.samples and not any(self.trained):
+            cut = f", {self.truncated} cut at tokenizer.max_seq_len={self.max_seq_len}" if self.truncated else ""
+            raise UserError(
+                f"no sample of {name} keeps a token to train on ({self.samples} samples{cut}); raise "
+                "tokenizer.max_seq_len or shorten the prompts so the answers fit"
+            )
 
     def log(self, name: str = "dataset") -> None:
         """The summary as INFO lines, and the truncation warning (once) where it applies."""

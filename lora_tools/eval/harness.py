@@ -10,10 +10,12 @@ both side by side.
 import difflib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import lm_eval.tasks
 import torch
 import torch.nn.functional as F
 from lm_eval import evaluator
@@ -149,18 +151,53 @@ class TorchtuneLM(TemplateLM):
 
 def task_manager(tasks: list[str], include_paths: list[Path]) -> TaskManager:
     """Our local tasks (and the config's include paths) first; the harness's own catalogue only when a task
-    is not found there, since indexing its thousands of task files takes seconds."""
+    is not found there, since indexing its thousands of task files takes many seconds. A name that is not even in
+    a quick scan of the catalogue's files fails at once."""
     paths = [str(p) for p in [EVALS_DIR, *include_paths]]
     local = TaskManager(include_path=paths, include_defaults=False)
-    if all(t in local.all_tasks for t in tasks):
+    missing = [t for t in tasks if t not in local.all_tasks]
+    if not missing:
         return local
-    manager = TaskManager(include_path=paths)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
+    known = set(local.all_tasks) | catalogue_names()
+    unknown = [t for t in missing if t not in known]
+    if not unknown:
+        manager = TaskManager(include_path=paths)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        known = set(manager.all_tasks)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; list them with: lm-eval ls tasks"
         raise UserError(f"unknown evaluation task {unknown[0]!r}{hint}")
     return manager
+
+
+_NAME_LINE = re.compile(r"^[\"']?(task|group|tag)[\"']?:[ \t]*([^\s#]*)", re.MULTILINE)
+_LIST_ITEM = re.compile(r"^[ \t]*-[ \t]*([^\s#]+)")
+
+
+def catalogue_names() -> set[str]:
+    """Every task, group and tag name the harness's own task files declare, read as text (a second or two,
+    where building the TaskManager parses each file as YAML): the top-level task:, group: and tag: keys, and the
+    items of such a key's list, in .yaml files and in the templates they include (files without a suffix); and
+    the folder names, which most groups defined in Python share."""
+    names = set()
+    for path in Path(lm_eval.tasks.__file__).parent.rglob("*"):
+        if path.is_dir():
+            names.add(path.name)
+            continue
+        if path.suffix not in ("", ".yaml") and not path.name.endswith("yaml"):
+            continue
+        text = path.read_text(errors="replace")
+        for match in _NAME_LINE.finditer(text):
+            if match.group(2) not in ("", "null"):
+                names.add(match.group(2).strip("'\""))
+                continue
+            for line in text[match.end() :].splitlines()[1:]:  # a list on the lines below
+                item = _LIST_ITEM.match(line)
+                if not item:
+                    break
+                names.add(item.group(1).strip("'\""))
+    return names
 
 
 @dataclass
