@@ -20,6 +20,7 @@ from pathlib import Path
 from torchtune import config
 
 from lora_tools import checkpoints
+from lora_tools.checkpoints import lock
 from lora_tools.config import loader, preflight
 from lora_tools.config.env import load_env
 from lora_tools.errors import UserError, fail
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     try:
         load_env()  # .env: WANDB_API_KEY for the run summary, HF_TOKEN for gated Hub datasets
         cfg = loader.load(["--config", args.config, *overrides]).cfg  # the same typo and value checks as training
+        lock.check_not_running(cfg.output_dir, args.checkpoint)
         preflight.check_wandb(cfg)  # before minutes of scoring, not after
         eval_settings = harness.EvalSettings(
             tasks=[t.strip() for t in args.tasks.split(",")],

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torchtune import config, training, utils
 
 from lora_tools import checkpoints
+from lora_tools.checkpoints import lock
 from lora_tools.config import loader, preflight
 from lora_tools.config.settings import as_list
 from lora_tools.data import chat_template
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
         return fail("--quant and --base go with --gguf; add --gguf")
     try:
         cfg = loader.load(["--config", args.config, *overrides]).cfg  # the same typo and value checks as training
+        if not args.base:  # a run still writing the checkpoints: wait for it
+            lock.check_not_running(cfg.output_dir, args.checkpoint)
         if args.gguf:
             try:
                 files = export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant))

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from torchtune import utils
 
+from lora_tools.checkpoints import lock
 from lora_tools.config import loader, preflight
 from lora_tools.config.env import load_env
 from lora_tools.errors import UserError, fail
@@ -15,7 +16,8 @@ from lora_tools.memory import plan
 
 def recipe_main(main: Callable[[loader.Loaded], None]) -> Callable[[], int]:
     """Decorate a recipe's ``main(config)``: loads .env, reads and checks the config once (``loader.Loaded``: the
-    DictConfig and its typed settings), runs the checks that need no weights, and reports UserError as one line."""
+    DictConfig and its typed settings), runs the checks that need no weights, holds the output_dir lock (one run
+    per output_dir) while ``main`` runs, and reports UserError as one line."""
 
     @functools.wraps(main)
     def wrapper() -> int:
@@ -29,7 +31,8 @@ def recipe_main(main: Callable[[loader.Loaded], None]) -> Callable[[], int]:
             # (torchtune's log_config sets DEBUG again), INFO, so a mistake found while reading the data is the
             # only line printed.
             utils.get_logger("INFO")
-            main(config)
+            with lock.hold(config.cfg.output_dir):  # before anything is written; released on any exit
+                main(config)
         except UserError as e:
             return fail(str(e))
         return 0
