@@ -255,7 +255,7 @@ CASES = [
     ),
     Case(
         "own-bad-json-row-7",
-        ("data.jsonl, row 7: not valid JSON", "one JSON object"),
+        ("data.jsonl is not valid JSON (line 7", "one JSON object"),
         ("dataset.source={tmp}/data.jsonl",),
         config=OWN,
         files={"data.jsonl": _chat_rows('{"messages": [{"role": "user", "content": "hi"}', good_before=6)},

@@ -58,9 +58,30 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     single = tune_run(root / "single", *COMMON, *ONE_DEVICE, "metric_logger.filename=log.txt")
     assert single.returncode == 0, single.stderr_text[-3000:]
-    multi = tune_run(root / "multi", *COMMON, *TWO_PROCESSES, "metric_logger.filename=log.txt", nproc=2)
+    # torchrun copies each process's stdout and stderr into files under ranks/ (--tee 3), for the logging test.
+    tee = ("--log-dir", str(root / "ranks"), "--tee", "3")
+    args = [*COMMON, *TWO_PROCESSES, "metric_logger.filename=log.txt"]
+    multi = tune_run(root / "multi", *args, nproc=2, torchrun_args=tee)
     assert multi.returncode == 0, multi.stderr_text[-3000:]
     return root / "single", root / "multi", (single, multi)
+
+
+def rank_lines(root: Path, rank: int) -> list[str]:
+    """What one process printed (stdout, then stderr), as torchrun's --tee files hold it."""
+    files = sorted(root.glob(f"ranks/*/attempt_0/{rank}/std*.log"), reverse=True)  # stdout.log, stderr.log
+    assert [f.name for f in files] == ["stdout.log", "stderr.log"], files
+    return [ln for f in files for ln in f.read_text().splitlines() if ln.strip() and TORCHAO_NOTICE not in ln]
+
+
+def test_only_the_first_process_logs(uninterrupted):
+    """torchtune's log_config sets the shared logger back to DEBUG where it runs: it runs on the first process only,
+    so the second prints nothing (no config, no steps, no warnings); the first prints the config once."""
+    root = uninterrupted[0].parent
+    first, second = rank_lines(root, 0), rank_lines(root, 1)
+    print(f"lines printed: process 0 {len(first)}, process 1 {len(second)}")
+    assert second == [], second[:20]
+    assert sum("Running LoRAFinetuneRecipe with resolved config" in ln for ln in first) == 1
+    assert any("sample at step" in ln for ln in first) and any("held-out loss:" in ln for ln in first)
 
 
 def sample_lines(run) -> list[str]:

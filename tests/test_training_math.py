@@ -1,5 +1,6 @@
 """Exactness of the training step, checked on the recipe class itself with the tiny model (CPU, fp32)."""
 
+import json
 import math
 from collections import Counter
 
@@ -113,11 +114,26 @@ def test_base_weights_bit_identical_and_only_lora_trains(tmp_path):
 
 
 def test_a_step_without_trained_tokens_logs_no_loss_and_no_nan(tmp_path):
-    """Every prompt longer than max_seq_len: the answers are cut off, no label is left to train on."""
+    """The first 4 prompts are longer than max_seq_len: their answers are cut off, so the first 2 steps have no
+    label to train on (the last sample keeps its answer: data with no trained token at all is refused)."""
+    from lora_tools.demo.assets import THINGS
+
+    rows = [{"instruction": " ".join(THINGS * 3), "input": "", "output": "Never reached."}] * 4
+    rows.append({"instruction": "Hi", "input": "", "output": "Hello."})
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
     recipe = make_recipe(
         tmp_path,
         max_steps_per_epoch=2,
-        **{"tokenizer.max_seq_len": 8, "val_dataset": "null", "sample_prompts": "[]", "log_peak_memory_stats": False},
+        shuffle=False,
+        batch_size=2,
+        **{
+            "tokenizer.max_seq_len": 48,
+            "dataset.data_files": str(data),
+            "val_dataset": "null",
+            "sample_prompts": "[]",
+            "log_peak_memory_stats": False,
+        },
     )
     before = {k: v.detach().clone() for k, v in recipe.adapter_params.items()}
     recipe.train()
