@@ -7,6 +7,7 @@ trained on. ``score`` runs the harness on the base (adapters off) or the finetun
 both side by side.
 """
 
+import contextlib
 import difflib
 import json
 import logging
@@ -30,6 +31,7 @@ from lora_tools.errors import UserError
 from lora_tools.eval.inference import PromptFormat, greedy, last_position_logits
 from lora_tools.train import tracking
 from lora_tools.train.decoder import Trunk
+from lora_tools.train.model import eager
 
 # Local tasks shipped with the project (the tiny demo's questions); always on the harness's search path.
 EVALS_DIR = REPO / "evals"
@@ -255,11 +257,10 @@ def _offline_message(e: Exception) -> str:
 
 
 def score(model, tokenizer, prompt_format: PromptFormat, settings: EvalSettings, manager, base: bool) -> dict:
-    """Harness results for ``model`` as it is, or with its adapters switched off (``base``: the base model)."""
+    """Harness results for ``model`` as it is, or with its adapters switched off (``base``: the base model).
+    A compiled model runs uncompiled (see lora_tools.train.model.eager): requests come in any width."""
     lm = TorchtuneLM(model, tokenizer, prompt_format, batch_size=settings.batch_size)
-    if not base:
-        return _clean(evaluate(lm, settings, manager))
-    with disable_adapter(model):
+    with eager(), disable_adapter(model) if base else contextlib.nullcontext():
         return _clean(evaluate(lm, settings, manager))
 
 

@@ -20,6 +20,7 @@ from lora_tools.config.settings import as_list
 from lora_tools.data.chat_template import ChatFormat
 from lora_tools.data.sft import own_data_section
 from lora_tools.train.decoder import Trunk
+from lora_tools.train.model import eager
 
 # (tokens [1, n], input_pos [1, n], mask [1, n, total]) -> logits of the last position [vocabulary]
 NextTokenLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,22 +75,26 @@ def last_position_logits(decoder, trunk: Trunk) -> NextTokenLogits:
 def greedy(
     decoder, logits: NextTokenLogits, tokens: list[int], max_new_tokens: int, stop_tokens: list[int], device
 ) -> Iterator[int]:
-    """Yield greedily chosen tokens one by one, with a KV cache that exists only during the call."""
+    """Yield greedily chosen tokens one by one, with a KV cache that exists only during the call. A compiled
+    model runs uncompiled here (see lora_tools.train.model.eager)."""
     dtype = next(decoder.parameters()).dtype
     total = len(tokens) + max_new_tokens
     causal = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))
     positions = torch.arange(total, device=device)
+
+    def next_logits(ids: list[int], start: int) -> torch.Tensor:  # ids at positions start, start + 1, ...
+        end = start + len(ids)
+        with eager():
+            return logits(torch.tensor([ids], device=device), positions[None, start:end], causal[None, start:end])
+
     with local_kv_cache(decoder, batch_size=1, device=device, dtype=dtype, decoder_max_seq_len=total):
-        n = len(tokens)
-        next_logits = logits(torch.tensor([tokens], device=device), positions[None, :n], causal[None, :n])
+        n, scores = len(tokens), next_logits(tokens, 0)
         for _ in range(max_new_tokens):
-            token = int(next_logits.argmax())
+            token = int(scores.argmax())
             if token in stop_tokens:
                 return
             yield token
-            next_logits = logits(
-                torch.tensor([[token]], device=device), positions[None, n : n + 1], causal[None, n : n + 1]
-            )
+            scores = next_logits([token], n)
             n += 1
 
 

@@ -1,9 +1,11 @@
 """The configured model: built with shapes only (the meta device), and set up for training as the recipe and
-the memory plan both do it (compile, activation checkpointing of some or all layers)."""
+the memory plan both do it (compile, activation checkpointing of some or all layers); ``eager`` runs the
+compiled layers uncompiled where compiling would not pay."""
 
 import torch
 from torch import nn
 from torchtune import config, training
+from torchtune.modules.common_utils import local_kv_cache
 
 from lora_tools.errors import UserError
 
@@ -28,9 +30,25 @@ def prepare(model: nn.Module, compile: bool, checkpointed_layers: int | None, ve
     """Compile each transformer layer (torchtune's way), then checkpoint ``checkpointed_layers`` of them
     (0: none, None: all)."""
     if compile:
+        # Generation's KV caches (torchtune's local_kv_cache) leave each attention's kv_cache an empty submodule
+        # slot where a plain None attribute was: set them up and delete them once now, as generation does, so
+        # that the first generation does not invalidate the graphs compiled before it.
+        meta = torch.device("meta")
+        with local_kv_cache(model, batch_size=1, device=meta, dtype=torch.float32, decoder_max_seq_len=1):
+            pass
         training.compile_model(model, verbose=verbose)
     if checkpointed_layers != 0:
         checkpoint_layers(model, checkpointed_layers)
+
+
+def eager():
+    """A context in which compiled code runs uncompiled: ``torch.compiler.set_stance("force_eager")``.
+
+    Generation and lm-eval run in it. With a KV cache, one more position each call, or the adapters switched
+    off, every call would need a new graph of the compiled layers, until torch._dynamo.config.recompile_limit
+    (8) stops compiling them with a warning. Training and validation stay compiled (tests/test_compile.py).
+    """
+    return torch.compiler.set_stance("force_eager")
 
 
 def checkpoint_layers(model: nn.Module, count: int | None) -> list[int]:
