@@ -27,6 +27,7 @@ weights after its forward and gathers them again for backward: less memory, more
 import logging
 import os
 import sys
+import warnings
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -54,8 +55,9 @@ def main(config: Loaded) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     try:
         strategy = FSDP2(device, s.fsdp_cpu_offload, reshard_after_forward=s.fsdp_reshard_after_forward)
-        if not strategy.is_main:
-            log.setLevel(logging.ERROR)  # one copy of the log and its warnings, from the first process
+        if not strategy.is_main:  # one copy of the log and of Python's warnings, from the first process
+            log.setLevel(logging.ERROR)
+            warnings.simplefilter("ignore")
         recipe = LoRAFinetuneRecipe(config.cfg, s, strategy=strategy)
         recipe.setup()
         recipe.train()
