@@ -22,6 +22,9 @@ from lora_tools import evaluate
 from lora_tools.checkpoints import latest_checkpoint
 from lora_tools.eval import harness
 
+# make test runs on 2 processes (pytest-xdist): these tests share the `demo` run, so they run on one.
+pytestmark = pytest.mark.xdist_group("demo")
+
 STEP = DEMO_STEP_DIR
 
 
@@ -164,7 +167,8 @@ def test_evaluate_bad_inputs(demo, tmp_path, capsys):
     _fails(capsys, [*base, "--tasks", "tiny_qa", "--limit", "0"], "--limit", "at least 1")
     empty = tmp_path / "step_0000007"
     empty.mkdir()
-    _fails(capsys, [*base, "--tasks", "tiny_qa", "--checkpoint", str(empty)], "recipe_state.pt does not exist")
+    not_complete = "is not a complete checkpoint (no recipe_state.pt)"
+    _fails(capsys, [*base, "--tasks", "tiny_qa", "--checkpoint", str(empty)], not_complete)
     adapter_only = tmp_path / "adapter_only"
     shutil.copytree(out / "checkpoints" / STEP, adapter_only, ignore=shutil.ignore_patterns("model", "eval.json"))
     _fails(
