@@ -54,8 +54,9 @@ demo: install assets
 demo-chat: install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_chat.yaml
 
+# Two test processes, each file on one, one thread each (two processes of two threads would fight for 2 cores).
 test: test-install gguf-install hf-install assets
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 unit: test-install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) $(BIN)/python -m pytest -q tests/unit

@@ -1,5 +1,6 @@
 """Shared test helpers: the repo root, the tiny assets, and running the real `tune` command."""
 
+import fcntl
 import json
 import math
 import os
@@ -195,24 +196,36 @@ DEMO_STEPS, DEMO_VAL_EVERY = _DEMO.max_steps_per_epoch, _DEMO.run_val_every_n_st
 DEMO_STEP_DIR = f"step_{DEMO_STEPS:07d}"
 
 
+def _shared_run(tmp_path_factory, name: str, *args) -> tuple[Path, subprocess.CompletedProcess, float]:
+    """A `tune run` made once for the whole test session: under pytest-xdist (make test runs 2 processes) the first
+    process that needs it runs it while the other waits on a file lock, then reads its record."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the processes' common folder
+    folder, record = root / name, root / name / "record.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            folder.mkdir(exist_ok=True)
+            start = time.monotonic()
+            result = tune("run", "lora_finetune_single_device.py", *args, f"output_dir={folder / 'out'}")
+            fields = {"args": result.args, "returncode": result.returncode, "stdout": result.stdout}
+            fields.update(stderr=result.stderr, seconds=time.monotonic() - start)
+            record.write_text(json.dumps(fields))
+    fields = json.loads(record.read_text())
+    seconds = fields.pop("seconds")
+    result = subprocess.CompletedProcess(**fields)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "out", result, seconds
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """`make demo` once per session, through the real `tune run`: (output_dir, result, seconds)."""
-    out = tmp_path_factory.mktemp("demo") / "out"
-    start = time.monotonic()
-    cmd = ("run", "lora_finetune_single_device.py", "--config", "configs/tiny.yaml", f"output_dir={out}", DEMO_EVAL)
-    result = tune(*cmd)
-    seconds = time.monotonic() - start
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result, seconds
+    return _shared_run(tmp_path_factory, "demo", "--config", "configs/tiny.yaml", DEMO_EVAL)
 
 
 @pytest.fixture(scope="session")
 def chat_demo(tmp_path_factory):
     """`make demo-chat` once per session, through the real `tune run`: (output_dir, result, seconds)."""
-    out = tmp_path_factory.mktemp("chat_demo") / "out"
-    start = time.monotonic()
-    result = tune("run", "lora_finetune_single_device.py", "--config", "configs/tiny_chat.yaml", f"output_dir={out}")
-    seconds = time.monotonic() - start
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result, seconds
+    return _shared_run(tmp_path_factory, "chat_demo", "--config", "configs/tiny_chat.yaml")

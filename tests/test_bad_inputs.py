@@ -21,9 +21,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TORCHAO_NOTICE, offline_env, tiny_vocab_size, tune
 
-# make test runs on 2 processes (pytest-xdist): the battery and the table of its times stay on one.
-pytestmark = pytest.mark.xdist_group("bad_inputs")
-
 WANDB_LOGGER = "metric_logger._component_=torchtune.training.metric_logging.WandBLogger"
 SHORT_WANDB_KEY = "abc123456789"  # 12 characters: W&B keys have 40 or more
 CHAT = (

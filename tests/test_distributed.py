@@ -25,9 +25,6 @@ from conftest import (
 
 from lora_tools.demo.assets import THINGS
 
-# make test runs on 2 processes (pytest-xdist): these tests share the `uninterrupted` runs, so they run on one.
-pytestmark = pytest.mark.xdist_group("distributed")
-
 # 165 training samples (odd: the split across processes drops one, as one device's last partial batch does),
 # a global batch of 8 as 2 micro-batches, 20 optimizer steps over 2 epochs, 29 held-out samples (odd: one
 # process's share is padded) scored every 5 steps, sample answers generated before training and at the end.

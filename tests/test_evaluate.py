@@ -22,9 +22,6 @@ from lora_tools import evaluate
 from lora_tools.checkpoints import latest_checkpoint
 from lora_tools.eval import harness
 
-# make test runs on 2 processes (pytest-xdist): these tests share the `demo` run, so they run on one.
-pytestmark = pytest.mark.xdist_group("demo")
-
 STEP = DEMO_STEP_DIR
 
 

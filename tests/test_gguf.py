@@ -19,9 +19,6 @@ from lora_tools.data.sft import conversation_dataset
 from lora_tools.eval.inference import PromptFormat
 from lora_tools.export import __main__ as export
 
-# make test runs on 2 processes (pytest-xdist): these tests share the `chat_demo` run, so they run on one.
-pytestmark = pytest.mark.xdist_group("chat_demo")
-
 CHAT_CONFIG = "configs/tiny_chat.yaml"
 N_NEW = 32
 # Next-token logit differences, relative to the logits' scale. f16 rounds each weight by at most 2^-11 of itself;

@@ -25,9 +25,6 @@ from lora_tools.data.chat_template import ChatFormat
 from lora_tools.data.sft import conversation_dataset, instruction_dataset
 from lora_tools.eval.inference import PromptFormat
 
-# make test runs on 2 processes (pytest-xdist): these tests share the `chat_demo` run, so they run on one.
-pytestmark = pytest.mark.xdist_group("chat_demo")
-
 CHAT_CONFIG = "configs/tiny_chat.yaml"
 HF_KWARGS = {"date_string": "26 Jul 2024"}  # the date our renderer gives templates (chat_template.TEMPLATE_DATE)
 SYSTEM, QUESTION = "Answer in one short sentence.", "What color is the lemon?"

@@ -7,9 +7,6 @@ from conftest import DEMO_STEP_DIR, DEMO_STEPS, DEMO_VAL_EVERY, TINY, ln_vocab, 
 
 from lora_tools.checkpoints import STATE_KEYS, load_recipe_state
 
-# make test runs on 2 processes (pytest-xdist): these tests share the `demo` run, so they run on one.
-pytestmark = pytest.mark.xdist_group("demo")
-
 
 def _summary_value(stdout: str, prefix: str) -> str:
     (line,) = [line for line in stdout.splitlines() if line.startswith(prefix)]
