@@ -171,7 +171,7 @@ def test_evaluate_bad_inputs(demo, tmp_path, capsys):
     _fails(
         capsys,
         [*base, "--tasks", "tiny_qa", "--checkpoint", str(adapter_only), "--merged"],
-        "model/model.safetensors does not exist",
+        "has no merged model (saved adapter-only)",
         "lora_tools.export",
     )
     _fails(
