@@ -166,9 +166,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         c, s, ignore = self.cfg, self._strategy, self._loss_fn.ignore_index
         name = "val_dataset" if evaluation else "dataset"
         built = batching.build_dataset(section, self._tokenizer, ignore, name)
+        if not evaluation:  # every process: each must stop, not only the one that prints
+            built.summary.require_trained_tokens(name)
         if s.is_main:
-            if not evaluation:
-                built.summary.require_trained_tokens(name)
             built.summary.log(name)
         collate = batching.collate_for(built.packed, c.collate_fn, self._tokenizer.pad_id, ignore)
         if evaluation:

@@ -27,7 +27,7 @@ REQUIRED_FIELDS = {
     "alpaca_cleaned_dataset": ("instruction", "input", "output"),
 }
 LOCAL_SOURCES = {"json", "csv", "parquet", "text", "arrow"}
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt")  # the common ones, for messages
 DEMO_ASSETS = REPO / "assets" / "tiny"
 # A folder named after a Llama 3.2 model, as `python -m lora_tools.download` names it.
 MODEL_FOLDER = re.compile(r"Llama-3\.2-\d+B(-Instruct)?")
@@ -121,12 +121,12 @@ def check_datasets(cfg: DictConfig) -> None:
     for section, ds in _dataset_cfgs(cfg):
         source = str(ds.get("source", ""))
         _check_source_folder(source, section)
-        if source in LOCAL_SOURCES and ds.get("data_files", None) is None:
+        if source in LOCAL_SOURCES and ds.get("data_files", None) is None and ds.get("data_dir", None) is None:
             raise UserError(
                 f"{section}.source is {source} but {section}.data_files is not set, so every {source} file under "
                 f"the working directory would be read; set {section}.data_files=path/to/your/file"
             )
-        if source not in LOCAL_SOURCES:
+        if source not in LOCAL_SOURCES or ds.get("data_files", None) is None:  # a Hub name, or data_dir
             continue
         files = ds.data_files
         paths = [Path(str(p)) for p in settings.as_list(files)]
@@ -153,15 +153,25 @@ def check_datasets(cfg: DictConfig) -> None:
 def _check_source_folder(source: str, section: str) -> None:
     """A folder given as the source must hold data files (datasets would read a README.txt as text data)."""
     folder = Path(source)
-    if not source or not folder.is_dir():
+    if not source or source in LOCAL_SOURCES or not folder.is_dir():
         return
-    if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+    if not any(_is_data_file(p) for p in folder.rglob("*") if p.is_file()):
         held = sorted(p.name for p in folder.iterdir())[:5]
         holds = f"it holds only {', '.join(held)}" if held else "it is empty"
         raise UserError(
-            f"{section}.source {source} is a folder without data files ({', '.join(DATA_SUFFIXES)}; {holds}); put "
-            f"your data files there or point {section}.source at one file"
+            f"{section}.source {source} is a folder without data files ({', '.join(DATA_SUFFIXES)}, not counting a "
+            f"README; {holds}); put your data files there or point {section}.source at one file"
         )
+
+
+def _is_data_file(path: Path) -> bool:
+    """A file datasets reads as rows of text data (by any of its suffixes, e.g. rows.jsonl.gz); a README or
+    LICENSE is not."""
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
+
+    if path.name.upper().startswith(("README", "LICENSE")):
+        return False
+    return any(_EXTENSION_TO_MODULE.get(suffix.lower(), ("",))[0] in LOCAL_SOURCES for suffix in path.suffixes)
 
 
 def _check_fields(path: Path, rows: list, builder: str, column_map: dict) -> None:
