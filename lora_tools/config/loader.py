@@ -179,7 +179,7 @@ def load_config(argv: list[str], description: str = "") -> DictConfig:
 class Loaded:
     """A config as given on a command line: its file, the merged DictConfig and the checked settings."""
 
-    source: str
+    source: settings.Origin
     cfg: DictConfig
     settings: settings.RecipeSettings
 
@@ -195,5 +195,5 @@ def load(argv: list[str], description: str = "") -> Loaded:
 def with_overrides(config: Loaded, overrides: list[str]) -> Loaded:
     """The config with more ``key=value`` overrides (a memory plan's choice), checked again."""
     cfg = apply_overrides(config.cfg.copy(), overrides, config.source)
-    source = settings.Origin(config.source, [*getattr(config.source, "overrides", ()), *overrides])
+    source = settings.Origin(config.source, [*config.source.overrides, *overrides])
     return Loaded(source, cfg, settings.parse(cfg, source))

@@ -86,7 +86,8 @@ class BuiltDataset:
     @cached_property
     def summary(self) -> DataSummary:
         """Counted over every sample on first use (one tokenizing pass for torchtune's builders, whose samples
-        are tokenized on access), so only the process that logs it pays."""
+        are tokenized on access). Every process counts the training data, at the same time, to check that it
+        keeps a token to train on; only the first one logs it."""
         lengths, trained, full_lengths = [], [], []
         for part in self.parts:
             if isinstance(part, TokenizedConversations):  # counted while tokenizing
