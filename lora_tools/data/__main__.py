@@ -5,11 +5,13 @@
 
 Prints the first samples as the token ids decode, the trained tokens marked, then for the whole dataset (and
 val_dataset): samples, tokens per sample, how many are truncated at tokenizer.max_seq_len and how many tokens
-that cuts, samples with nothing to train on, and how full packed rows are. Reads no model weights. The recipes
-log the same summary when they start.
+that cuts, samples with nothing to train on, and how full packed rows are. Preference pairs
+(lora_tools.data.preference) show their prompt once, then the chosen and the rejected response, and their own
+summary. Reads no model weights. The recipes log the same summary when they start.
 """
 
 import argparse
+import itertools
 import sys
 
 from torchtune import config
@@ -17,6 +19,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from lora_tools.config import loader, preflight
 from lora_tools.data.batching import BuiltDataset, build_dataset
+from lora_tools.data.preference import PairSummary, PreferencePairs
 from lora_tools.errors import UserError, fail
 
 TRAINED_START, TRAINED_END = "\x1b[32m", "\x1b[0m"  # green on a terminal
@@ -49,6 +52,33 @@ def show_samples(tokenizer, built: BuiltDataset, count: int, out=None) -> None:
         out.write(marked_text(tokenizer, tokens, trained, start, end) + "\n")
 
 
+def show_pairs(tokenizer, pairs: list[PreferencePairs], count: int, out=None) -> None:
+    """The first ``count`` pairs: the prompt once, then each response marked as trained."""
+    out = out or sys.stdout
+    start, end = (TRAINED_START, TRAINED_END) if out.isatty() else (PLAIN_START, PLAIN_END)
+    out.write(f"trained tokens are marked {start}like this{end}\n")
+    items = (part[i] for part in pairs for i in range(len(part)))
+    for n, item in enumerate(itertools.islice(items, count)):
+        labels = item["chosen_labels"]  # not shifted: the prompt's labels are ignored, the response's kept
+        prompt = next(i for i, label in enumerate(labels) if label != CROSS_ENTROPY_IGNORE_IDX)
+        sizes = ", ".join(f"{name} {len(item[f'{name}_tokens']) - prompt}" for name in ("chosen", "rejected"))
+        out.write(f"--- pair {n} (prompt {prompt} tokens; responses: {sizes})\n")
+        text = tokenizer.decode(item["chosen_tokens"][:prompt], truncate_at_eos=False, skip_special_tokens=False)
+        out.write(text if text.endswith("\n") else text + "\n")
+        for name in ("chosen", "rejected"):
+            tokens = item[f"{name}_tokens"][prompt:]
+            trained = [label != CROSS_ENTROPY_IGNORE_IDX for label in item[f"{name}_labels"][prompt:]]
+            out.write(f"{name}: {marked_text(tokenizer, tokens, trained, start, end)}\n")
+
+
+def pairs_of(built: BuiltDataset, name: str) -> list[PreferencePairs] | None:
+    """The preference datasets ``built`` holds, or None when it holds none."""
+    pairs = [part for part in built.parts if isinstance(part, PreferencePairs)]
+    if pairs and len(pairs) != len(built.parts):
+        raise UserError(f"{name} mixes preference pairs with other datasets; use preference_dataset for each")
+    return pairs or None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -62,12 +92,18 @@ def main(argv=None) -> int:
         tokenizer = config.instantiate(cfg.tokenizer)
         sections = [("dataset", cfg.dataset)] + ([("val_dataset", cfg.val_dataset)] if cfg.get("val_dataset") else [])
         built = {name: build_dataset(node, tokenizer, CROSS_ENTROPY_IGNORE_IDX, name) for name, node in sections}
+        pairs = {name: pairs_of(b, name) for name, b in built.items()}
     except UserError as e:
         return fail(str(e))
-    show_samples(tokenizer, built["dataset"], args.show)
+    if pairs["dataset"]:
+        show_pairs(tokenizer, pairs["dataset"], args.show)
+    else:
+        show_samples(tokenizer, built["dataset"], args.show)
     for name, b in built.items():
-        print("\n".join(b.summary.lines(name)))
-        if warning := b.summary.truncation_warning(name):
+        summary = PairSummary.of(pairs[name]) if pairs[name] else b.summary
+        print("\n".join(summary.lines(name)))
+        warnings = summary.warnings(name) if pairs[name] else [summary.truncation_warning(name)]
+        for warning in filter(None, warnings):
             print(f"warning: {warning}")
     return 0
 
