@@ -3,6 +3,7 @@
 #   make test   # the same environment + test tools, then the test suite
 #   make unit   # only the fast in-process tests (tests/unit), without the .venv-hf environment
 #   make demo-chat  # the demo on generated conversations, rendered with the tiny model's chat template
+#   make demo-dpo   # DPO on generated preference pairs, starting from demo-chat's merged model (runs it if needed)
 #   make gguf-install  # llama-cpp-python, for quantized GGUF export (make test installs it too)
 #   make bench  # speed and memory next to torchtune's recipe and TRL (not part of make test)
 # Other targets: make assets, make lint, make clean.
@@ -16,7 +17,7 @@ TINY   := assets/tiny
 # The demo and the tests never touch the network (model, tokenizer and data are generated locally).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: demo demo-chat test unit bench install test-install gguf-install hf-install assets lint clean
+.PHONY: demo demo-chat demo-dpo test unit bench install test-install gguf-install hf-install assets lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -53,6 +54,11 @@ demo: install assets
 
 demo-chat: install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_chat.yaml
+
+CHAT_MODEL := outputs/tiny_chat/checkpoints/step_0000120/model/model.safetensors  # configs/tiny_dpo.yaml's base
+demo-dpo: install assets
+	@test -f $(CHAT_MODEL) || $(MAKE) demo-chat
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_dpo.yaml
 
 # Two test processes, each file on one, one thread each (two processes of two threads would fight for 2 cores).
 test: test-install gguf-install hf-install assets

@@ -42,7 +42,7 @@ from lora_tools.errors import UserError
 from lora_tools.eval import harness
 from lora_tools.eval.inference import PromptFormat, greedy, last_position_logits
 from lora_tools.export import hf_export, model_card
-from lora_tools.train import decoder, plots, report, rng, tracking
+from lora_tools.train import objectives, plots, reference, report, rng, tracking
 from lora_tools.train.adapter_init import initial_adapter_weights
 from lora_tools.train.decoder import Trunk
 from lora_tools.train.launch import recipe_main
@@ -76,11 +76,13 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._wandb_run_id: str | None = None
         self.val_before: float | None = None  # held-out loss before training and after it
         self.val_after: float | None = None
+        self.val_metrics: dict[int, dict[str, float]] = {}  # preference runs: step -> held-out metrics
         self._last_val: tuple[int, float] | None = None  # (step, loss) of the latest validation
         self.history: list[dict[str, float]] = []  # per step: loss, lr, val_loss (the plot's data)
         self.eval_result: dict | None = None  # eval_tasks: base and finetuned scores, after training
         self.last_checkpoint: Path | None = None
         self.merged_model: Path | None = None  # written into the last checkpoint at the end of a finished run
+        self._built: dict[str, batching.BuiltDataset] = {}  # dataset, val_dataset: as built
         self._stopped_by_signal = False  # saved and left at once: no validation, samples or merge after it
 
     # ---- setup: the cheap checks and the data first, the weights last ----
@@ -96,6 +98,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._loss_fn = config.instantiate(c.loss)
         if c.compile:
             self._loss_fn = training.compile_loss(self._loss_fn)
+        self._objective = objectives.build(c.objective, self._loss_fn)  # SFT with loss, or DPO / ORPO
         self._dataloader = self._setup_data(c.dataset)
         self._val_dataloader = self._setup_data(c.val_dataset, evaluation=True) if c.val_dataset else None
         # One optimizer step consumes gradient_accumulation_steps batches.
@@ -120,6 +123,9 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._model = self._setup_model(base, resume["adapter"] if resume else None)
         del base  # the weights now live in the model
+        if reference.wanted(self._objective):  # DPO's reference log-probs: computed now, at step 0, or resumed
+            for name, built in self._built.items():
+                built.dataset.reference = resume["reference_logps"][name] if resume else self._reference(built)
         self._optimizer = config.instantiate(c.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._lr_scheduler = self._setup_lr_scheduler(c.lr_scheduler, self._total_steps)
         if resume:
@@ -158,6 +164,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._early_stopping.best = state["best_val"]
         self._early_stopping.evals_without_improvement = state["evals_without_improvement"]
         self.history = state.get("history", [])
+        self.val_metrics = state.get("val_metrics", {})
         self.last_checkpoint = folder
         return state
 
@@ -165,15 +172,21 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         """A dataset's batches (lora_tools.data.batching); its summary is logged before any weights load."""
         c, s, ignore = self.cfg, self._strategy, self._loss_fn.ignore_index
         name = "val_dataset" if evaluation else "dataset"
-        built = batching.build_dataset(section, self._tokenizer, ignore, name)
+        built = self._built[name] = batching.build_dataset(section, self._tokenizer, ignore, name)
+        objectives.check_data_fits(self._objective, built, name)
         if not evaluation:  # every process: each must stop, not only the one that prints
             built.summary.require_trained_tokens(name)
         if s.is_main:
             built.summary.log(name)
-        collate = batching.collate_for(built.packed, c.collate_fn, self._tokenizer.pad_id, ignore)
+        collate = batching.collate_for(built, c.collate_fn, self._tokenizer.pad_id, ignore)
         if evaluation:
             return batching.eval_dataloader(built, c.batch_size, collate, s.world_size, s.rank, ignore)
         return batching.dataloader(built, c.batch_size, collate, s.world_size, s.rank, self.seed, c.shuffle)
+
+    def _reference(self, built: batching.BuiltDataset):
+        collate = batching.collate_for(built, self.cfg.collate_fn, self._tokenizer.pad_id, built.ignore_index)
+        return reference.precompute(self._objective, self._parts, built, self.cfg.batch_size, collate,
+                                    self._strategy, self._device)  # fmt: skip
 
     def _setup_model(self, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None):
         c = self.cfg
@@ -209,7 +222,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
                     m.initialize_dora_magnitude()
         training.validate_no_params_on_meta_device(model)
         training.validate_expected_param_dtype(self.adapter_params.items(), dtype=self._dtype)
-        self._activations_ctx = training.get_act_offloading_ctx_manager(model, c.enable_activation_offloading)
+        activations = training.get_act_offloading_ctx_manager(model, c.enable_activation_offloading)
+        self._parts = objectives.ModelParts(model, self._trunk, self._head, activations)
         n_train = sum(p.numel() for p in self.adapter_params.values())
         n_all = sum(p.numel() for p in model.parameters())
         log.info(f"Model ready on {self._device.type} in {self._dtype}: {n_train:,} of {n_all:,} parameters train.")
@@ -320,70 +334,84 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         before, after = self.val_before, self.val_after
         loss_rows = [("before", before), ("after", after)] if before is not None and after is not None else None
         rows = self.eval_result["rows"] if self.eval_result else None
-        model_card.run_card(c, self.last_checkpoint, loss_rows, rows, PLOT_FILE)
+        pairs = self._preference_rows()
+        model_card.run_card(c, self.last_checkpoint, None if pairs else loss_rows, rows, PLOT_FILE, pairs)
+
+    def _preference_rows(self) -> list[tuple[str, dict]] | None:
+        """Held-out preference metrics before training and after it, for the summary and the card."""
+        before, after = self.val_metrics.get(0), self.val_metrics.get(self.global_step)
+        if before is None or after is None:
+            return None
+        return [("before", before), ("after", after)]
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], prof) -> dict[str, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the step's metrics."""
-        step_loss = torch.zeros((), device=self._device)
-        n_tokens = torch.zeros((), dtype=torch.long, device=self._device)
+        # What the step's means divide by (trained tokens; pairs), over every micro-batch and process, first.
+        totals = objectives.add_up(self._objective.counts(b) for b in micro_batches)
+        totals = {k: self._strategy.sum(v.to(self._device)) for k, v in totals.items()}
+        sums = []
         for batch in micro_batches:
-            batch_loss, batch_tokens = self.forward_backward(batch)
-            step_loss, n_tokens = step_loss + batch_loss.detach(), n_tokens + batch_tokens
+            sums.append(self.forward_backward(batch, totals))
             prof.step()
-        # Gradients so far are sums over this process's tokens. FSDP averages them over processes; scaling by
-        # processes / all tokens makes them the per-token mean.
-        step_loss, n_tokens = self._strategy.sum(step_loss), self._strategy.sum(n_tokens)
-        training.scale_grads(self._model, self._strategy.world_size / n_tokens.clamp(min=1))
+        sums = {k: self._strategy.sum(v) for k, v in objectives.add_up(sums).items()}
+        if self._strategy.world_size > 1:  # FSDP averages gradients over processes; each gave its share of the sum
+            training.scale_grads(self._model, self._strategy.world_size)
         grad_norm = self._strategy.grad_norm(self.adapter_params.values(), self.cfg.clip_grad_norm)
-        if n_tokens > 0:  # no trained token on any process: no update (weight decay and momentum would move)
+        n = int(totals["tokens"])
+        if n > 0:  # no trained token on any process: no update (weight decay and momentum would move)
             self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._lr_scheduler.step()
         self.global_step += 1
 
-        n = int(n_tokens)
         metrics = {"lr": self._optimizer.param_groups[0]["lr"], "trained_tokens": n, "grad_norm": grad_norm.item()}
         if n:
-            metrics["loss"] = (step_loss / n).item()
+            values = self._objective.reduce(sums, totals)
+            metrics["loss"] = values.pop("loss")
+            metrics.update({f"train/{k}": v for k, v in values.items()})  # preference metrics, as TRL logs them
             self.first_step_loss = metrics["loss"] if self.first_step_loss is None else self.first_step_loss
         else:
             log.warning(f"Step {self.global_step} had no trained token (every label is masked): no update, no loss.")
         return metrics
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward of the summed per-token loss of one micro-batch; returns (loss sum, trained tokens)."""
+    def forward_backward(self, batch: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
+        """Backward of one micro-batch's share of the step's loss; returns its metric sums (lora_tools.train
+        .objectives: the loss of SFT, DPO or ORPO, which the memory plan traces too)."""
         utils.batch_to_device(batch, self._device)
-        batch_loss, n_tokens = self._loss(batch)
-        batch_loss.backward()
-        return batch_loss, n_tokens
-
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of the per-token losses of one batch (output layer on labelled positions only), and its token
-        count: see lora_tools.train.decoder.loss_sum, which the memory plan traces too."""
-        return decoder.loss_sum(self._trunk, self._head, self._loss_fn, batch, self._activations_ctx)
+        loss, sums = self._objective(self._parts, batch, totals)
+        loss.backward()
+        return sums
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss per token over the whole validation set (None without ``val_dataset``)."""
+    def evaluate(self) -> dict[str, float] | None:
+        """The objective's metrics over the whole validation set: its mean loss per token (SFT) or per pair, and
+        the preference metrics (None without ``val_dataset``)."""
         if self._val_dataloader is None:
             return None
         self._model.eval()
-        total, n = torch.zeros((), device=self._device), torch.zeros((), device=self._device)
+        counts, sums = [], []
         for batch in self._val_dataloader:
             utils.batch_to_device(batch, self._device)
-            batch_loss, n_tokens = self._loss(batch)
-            total, n = total + batch_loss, n + n_tokens
+            counts.append(self._objective.counts(batch))
+            sums.append(self._objective(self._parts, batch, counts[-1])[1])
         self._model.train()
-        return (self._strategy.sum(total) / self._strategy.sum(n).clamp(min=1)).item()
+        counts = {k: self._strategy.sum(v) for k, v in objectives.add_up(counts).items()}
+        return self._objective.reduce({k: self._strategy.sum(v) for k, v in objectives.add_up(sums).items()}, counts)
 
     def _validate(self) -> float | None:
         """The validation loss at the current step, logged and kept for the plot (None without val_dataset)."""
-        val = self.evaluate()
-        if val is None:
+        values = self.evaluate()
+        if values is None:
             return None
+        val = values.pop("loss")
         self._last_val = (self.global_step, val)
         self.history.append({"step": self.global_step, "val_loss": val})
-        self._metric_logger.log_dict({"val_loss": val, "val_perplexity": math.exp(val)}, step=self.global_step)
+        if self._objective.pairs:
+            self.val_metrics[self.global_step] = {**values, "loss": val}
+            values = {"val_loss": val, **{f"eval/{k}": v for k, v in values.items()}}
+            self._metric_logger.log_dict(values, step=self.global_step)
+        else:
+            self._metric_logger.log_dict({"val_loss": val, "val_perplexity": math.exp(val)}, step=self.global_step)
         return val
 
     @torch.no_grad()
@@ -444,7 +472,10 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             "evals_without_improvement": self._early_stopping.evals_without_improvement,
             "wandb_run_id": self._wandb_run_id,
             "history": self.history,
+            "val_metrics": self.val_metrics,
         }
+        if reference.wanted(self._objective):
+            state["reference_logps"] = {name: built.dataset.reference for name, built in self._built.items()}
         base_dir = Path(self.cfg.checkpointer.checkpoint_dir)
 
         def write(folder: checkpoints.AtomicFolder) -> None:
@@ -471,7 +502,12 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
     def summary(self) -> str:
         """Printed at the end of a run: what training did to the loss, and where the outputs are."""
         vocab, adapter = self._model.tok_embeddings.num_embeddings, self.last_checkpoint / checkpoints.ADAPTER
-        text = report.summary(self.first_step_loss, vocab, self.val_before, self.val_after, adapter, self.merged_model)
+        pairs = self._preference_rows()
+        before, after = (None, None) if self._objective.pairs else (self.val_before, self.val_after)
+        text = report.summary(self.first_step_loss, vocab, before, after, adapter, self.merged_model)
+        if pairs:
+            header, rows = model_card.preference_table(pairs)
+            text += "\nheld-out preference pairs:\n" + "\n".join(" | ".join(map(str, r)) for r in [header, *rows])
         if self.eval_result:
             text += "\n" + harness.table(self.eval_result["rows"])
         return text

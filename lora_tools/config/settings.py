@@ -108,6 +108,10 @@ class RecipeSettings:
     dtype: str = setting("bf16 (GPU) or fp32 (CPU); fp16 is not supported", rule=DTYPES)
 
     # --- optional -------------------------------------------------------------------------------------------
+    objective: Component | None = setting(
+        "what training minimizes: lora_tools.train.objectives.DPO or ORPO on preference pairs; null: SFT with loss",
+        None,
+    )
     val_dataset: Component | ListConfig | None = setting(
         "held-out data scored before, during and after training; null: none", None, passes=(1, ())
     )
@@ -177,6 +181,9 @@ VALUE_RULES = (
     ("optimizer", "lr", lambda v: _is_number(v) and v >= 0, "a number >= 0, e.g. 3e-4"),
     ("tokenizer", "max_seq_len", lambda v: v is None or (_is_int(v) and v > 0), "an integer greater than 0"),
     ("lr_scheduler", "num_warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("objective", "beta", lambda v: _is_number(v) and v > 0, "a number greater than 0, e.g. 0.1"),
+    ("objective", "label_smoothing", lambda v: _is_number(v) and 0 <= v < 0.5, "a number from 0 up to 0.5, e.g. 0"),
+    ("objective", "sft_weight", lambda v: _is_number(v) and v >= 0, "a number >= 0, e.g. 1.0"),
     ("dataset", "conversation_style", lambda v: v in ("sharegpt", "openai"), "sharegpt or openai"),
 )
 

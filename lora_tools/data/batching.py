@@ -66,12 +66,54 @@ class EvalShard(Dataset):
         if position < len(self._ds):
             return self._ds[position]
         filler = dict(self._ds[0])
-        labels = filler["labels"]  # a list, or a tensor when packed
-        if torch.is_tensor(labels):
-            filler["labels"] = torch.full_like(labels, self._ignore_index)
-        else:
-            filler["labels"] = [self._ignore_index] * len(labels)
+        for key in [k for k in filler if k.endswith("labels")]:  # labels; a pair's chosen_ and rejected_labels
+            labels = filler[key]  # a list, or a tensor when packed
+            if torch.is_tensor(labels):
+                filler[key] = torch.full_like(labels, self._ignore_index)
+            else:
+                filler[key] = [self._ignore_index] * len(labels)
         return filler
+
+
+class ShiftedPairs(Dataset):
+    """Preference pairs (lora_tools.data.preference) with next-token labels on both sequences, each pair's
+    index, and, once the recipe has computed them (DPO's precompute_reference), the reference model's summed
+    log-probs of its chosen and rejected responses: ``reference`` is a [pairs, 2] tensor."""
+
+    def __init__(self, ds: Dataset, ignore_index: int):
+        self._ds, self._ignore_index = ds, ignore_index
+        self.reference: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self._ds[index]
+        out = {"index": index}
+        for side in ("chosen", "rejected"):
+            out[f"{side}_tokens"] = list(pair[f"{side}_tokens"])
+            out[f"{side}_labels"] = list(pair[f"{side}_labels"])[1:] + [self._ignore_index]
+        if self.reference is not None:
+            out["reference_logps"] = self.reference[index]
+        return out
+
+
+def collate_pairs(pairs: list[dict[str, Any]], padding_idx: int, ignore_idx: int) -> dict[str, torch.Tensor]:
+    """b pairs as one batch of 2b rows, padded on the right: the chosen sequences, then the rejected ones.
+    ``lengths``: each row's real tokens; ``index``: each pair's; ``reference_logps`` [2b] when precomputed."""
+    rows = [p["chosen_tokens"] for p in pairs] + [p["rejected_tokens"] for p in pairs]
+    labels = [p["chosen_labels"] for p in pairs] + [p["rejected_labels"] for p in pairs]
+    width = max(len(r) for r in rows)
+    batch = {
+        "tokens": torch.tensor([r + [padding_idx] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([x + [ignore_idx] * (width - len(x)) for x in labels]),
+        "lengths": torch.tensor([len(r) for r in rows]),
+        "index": torch.tensor([p["index"] for p in pairs]),
+    }
+    if "reference_logps" in pairs[0]:
+        reference = torch.stack([p["reference_logps"] for p in pairs])  # [b, 2]
+        batch["reference_logps"] = torch.cat([reference[:, 0], reference[:, 1]])
+    return batch
 
 
 @dataclass
@@ -82,12 +124,15 @@ class BuiltDataset:
     parts: list[Dataset]  # each builder's dataset, as built
     max_seq_len: int | None
     ignore_index: int
+    pairs: bool = False  # preference pairs (ShiftedPairs), for DPO and ORPO
 
     @cached_property
     def summary(self) -> DataSummary:
         """Counted over every sample on first use (one tokenizing pass for torchtune's builders, whose samples
         are tokenized on access). Every process counts the training data, at the same time, to check that it
         keeps a token to train on; only the first one logs it."""
+        if self.pairs:
+            return self.parts[0].summary()
         lengths, trained, full_lengths = [], [], []
         for part in self.parts:
             if isinstance(part, TokenizedConversations):  # counted while tokenizing
@@ -122,6 +167,14 @@ def build_dataset(
             raise UserError(re.sub(r"\bdataset\.", f"{where}.", str(e))) from None
     if len(set(packed_flags)) > 1:
         raise UserError("dataset: either every dataset in the list sets packed: True or none does")
+    pairs = [hasattr(b, "summary") and callable(b.summary) for b in built]  # lora_tools.data.preference
+    if any(pairs):
+        if len(built) > 1:
+            raise UserError(f"{section}: a preference dataset must be the only one in its section; give one file")
+        if packed_flags[0]:
+            raise UserError(f"{section}.packed: preference pairs are not packed; remove packed: True")
+        ds = ShiftedPairs(built[0], ignore_index)
+        return BuiltDataset(ds, False, ds, built, tokenizer.max_seq_len, ignore_index, pairs=True)
     parts = [NextTokenLabels(b, ignore_index) for b in built]
     ds = samples = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     packed = packed_flags[0]
@@ -132,9 +185,11 @@ def build_dataset(
     return BuiltDataset(ds, packed, samples, built, tokenizer.max_seq_len, ignore_index)
 
 
-def collate_for(packed: bool, collate_fn: str, pad_id: int, ignore_index: int) -> Callable:
-    """Packed rows are already padded; unpacked samples are padded to the longest in the batch."""
-    if packed:
+def collate_for(built: BuiltDataset, collate_fn: str, pad_id: int, ignore_index: int) -> Callable:
+    """Packed rows are already padded; unpacked samples (and pairs) are padded to the longest in the batch."""
+    if built.pairs:
+        return partial(collate_pairs, padding_idx=pad_id, ignore_idx=ignore_index)
+    if built.packed:
         return padded_collate_packed
     module, _, name = collate_fn.rpartition(".")
     return partial(getattr(importlib.import_module(module), name), padding_idx=pad_id, ignore_idx=ignore_index)

@@ -69,7 +69,7 @@ def own_data_section(cfg) -> tuple[str | None, dict, str | None] | None:
     """(chat_template, chat_template_kwargs, system_prompt) of the config's first dataset when this module builds
     it, so prompts at inference and the exported template are the training data's; None for other builders."""
     first = as_list(cfg.dataset)[0]
-    if not str(first.get("_component_", "")).startswith(f"{__name__}."):
+    if not str(first.get("_component_", "")).startswith((f"{__name__}.", "lora_tools.data.preference.")):
         return None
     kwargs = first.get("chat_template_kwargs", None)
     kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else {}

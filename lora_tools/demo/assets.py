@@ -17,6 +17,9 @@ no account and no GPU, yet exercise the same loading code as the real model:
   held-out question asks a fact that training teaches in words training never pairs with that thing.
   ``data/heldout_choices.jsonl`` holds the same held-out questions with four answer options, for
   ``lora_tools.evaluate`` (``evals/tiny_qa``).
+- ``data/pairs_train.jsonl`` and ``data/pairs_heldout.jsonl``: preference pairs on the color questions (the
+  held-out ones on the held-out wordings) for ``make demo-dpo``: "The color of the lemon is yellow." preferred to
+  "The lemon is yellow.".
 - ``data/chat_train.jsonl`` and ``data/chat_heldout.jsonl``: five small tasks (colors, opposites, sums, counting,
   reversing a list) as chats, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line (OpenAI
   style): an optional system prompt, then one to three user/assistant exchanges.
@@ -202,6 +205,28 @@ def build_dataset(seed: int = SEED) -> tuple[list[dict], list[dict]]:
             (heldout if i == held else questions).append(e)
     train = [e for _ in range(TRAIN_ROUNDS) for e in rng.sample(questions, len(questions))]
     return train, heldout
+
+
+# The preference demo (make demo-dpo): the same questions, an answer that names "the color of" the thing preferred
+# to the plain sentence the chat demo taught, which that model therefore prefers before preference tuning.
+PAIR_ROUNDS = 8  # the 150 training questions, once per round in a fresh order: 1200 pairs
+PAIRS_SEED = SEED + 3  # a stream of its own
+
+
+def build_preference_pairs(seed: int = PAIRS_SEED) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs ``{"prompt", "chosen", "rejected"}`` on the demo's train and held-out questions:
+    chosen "The color of the lemon is yellow.", rejected "The lemon is yellow."."""
+    train, heldout = build_dataset()
+
+    def pair(e: dict) -> dict:
+        sentence = e["output"]  # "The lemon is yellow."
+        thing, color = sentence.split(" ")[1], sentence.rsplit(" ", 1)[1]
+        return {"prompt": e["instruction"], "chosen": f"The color of the {thing} is {color}", "rejected": sentence}
+
+    questions = list({e["instruction"]: e for e in train}.values())  # each training question once
+    rng = random.Random(seed)
+    rounds = [pair(e) for _ in range(PAIR_ROUNDS) for e in rng.sample(questions, len(questions))]
+    return rounds, [pair(e) for e in heldout]
 
 
 # Held-out questions with answer options, for lora_tools.evaluate (evals/tiny_qa): each question's right answer
@@ -569,8 +594,14 @@ def build(out: Path) -> dict:
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")
     choices = build_choice_questions(heldout)
     (out / "data" / "heldout_choices.jsonl").write_text("".join(json.dumps(q) + "\n" for q in choices))
-    for name, chats in (("chat_train.jsonl", chat_train), ("chat_heldout.jsonl", chat_heldout)):
-        (out / "data" / name).write_text("".join(json.dumps(c) + "\n" for c in chats))
+    pairs_train, pairs_heldout = build_preference_pairs()
+    for name, rows in (
+        ("chat_train.jsonl", chat_train),
+        ("chat_heldout.jsonl", chat_heldout),
+        ("pairs_train.jsonl", pairs_train),
+        ("pairs_heldout.jsonl", pairs_heldout),
+    ):
+        (out / "data" / name).write_text("".join(json.dumps(c) + "\n" for c in rows))
     return {
         "vocab_size": vocab_size,
         "train": len(train),

@@ -24,6 +24,7 @@ def model_card_text(
     eval_rows: list[dict] | None,
     plot: str | None,
     usage: str,
+    preference_rows: list[tuple[str, dict]] | None = None,
 ) -> str:
     """The card's text. A section with no data (None or empty) is left out rather than shown as an empty table."""
     parts = [
@@ -34,6 +35,8 @@ def model_card_text(
     ]
     if loss_rows:
         parts.append(_loss_section(loss_rows))
+    if preference_rows:
+        parts.append("## Held-out preference pairs\n\n" + _table(*preference_table(preference_rows)))
     if eval_rows:
         parts.append(_eval_section(eval_rows))
     parts.append(_use_section(usage))
@@ -127,6 +130,27 @@ def _table_row(cells) -> str:
     return "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
 
 
+PREFERENCE_COLUMNS = {  # metric -> column: the model's own preference first, then TRL's reward metrics
+    "preference_accuracy": "chosen preferred",
+    "preference_margin": "log-prob margin",
+    "rewards/accuracies": "rewards/accuracies",
+    "rewards/margins": "rewards/margins",
+    "loss": "loss",
+}
+
+
+def preference_table(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple]]:
+    """(header, rows) of held-out preference metrics by moment (before / after training). "chosen preferred":
+    the share of pairs whose chosen response the model gives a higher log-probability than the rejected one."""
+    header = ["when", *PREFERENCE_COLUMNS.values()]
+    cells = []
+    for when, values in rows:
+        shown = [f"{100 * values[k]:.1f}%" if k.endswith(("accuracy", "accuracies")) else f"{values[k]:+.4f}"
+                 for k in PREFERENCE_COLUMNS]  # fmt: skip
+        cells.append((when, *shown))
+    return header, cells
+
+
 # ---- the card of a training run ----
 
 LOCAL_LOADERS = {"json", "csv", "parquet", "text", "arrow"}
@@ -142,7 +166,7 @@ def dataset_names(cfg_dataset) -> list[str]:
     return names
 
 
-def run_card(cfg, checkpoint: Path, loss_rows, eval_rows, plot: str | None) -> Path:
+def run_card(cfg, checkpoint: Path, loss_rows, eval_rows, plot: str | None, preference_rows=None) -> Path:
     """README.md (and nothing else) in the checkpoint's adapter/ folder, from the run's config and results."""
 
     from lora_tools.export.hf_export import base_model_name
@@ -160,6 +184,9 @@ def run_card(cfg, checkpoint: Path, loss_rows, eval_rows, plot: str | None) -> P
         ("learning rate", str(cfg.optimizer.get("lr"))),
         ("steps", checkpoint.name.removeprefix("step_").lstrip("0") or "0"),
     ]
+    if cfg.objective is not None:
+        arguments = ", ".join(f"{k} {v}" for k, v in cfg.objective.items() if k != "_component_")
+        settings.insert(4, ("objective", f"{cfg.objective._component_.rsplit('.', 1)[-1]} ({arguments})"))
     usage = (
         "# with PEFT, on the base model\n"
         "from peft import AutoPeftModelForCausalLM\n"
@@ -175,5 +202,6 @@ def run_card(cfg, checkpoint: Path, loss_rows, eval_rows, plot: str | None) -> P
         eval_rows=eval_rows,
         plot=plot,
         usage=usage,
+        preference_rows=preference_rows,
     )
     return write_model_card(checkpoint / "adapter", text)

@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_flatten
 from torchtune import config, training
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from lora_tools.train.decoder import Trunk, loss_sum
+from lora_tools.train import objectives
+from lora_tools.train.decoder import Trunk
 from lora_tools.train.model import is_qlora, meta_model, prepare
 
 GIB = 2**30
@@ -220,11 +221,13 @@ def fake_model(model_cfg, dtype: torch.dtype, fake: FakeTensorMode) -> nn.Module
     return model
 
 
-def fake_batch(batch_size: int, seq_len: int, trained: int, ignore_index: int) -> dict[str, torch.Tensor]:
-    """Token ids of one micro-batch and labels where the first ``trained`` positions carry a label."""
-    labels = torch.full((batch_size * seq_len,), ignore_index, dtype=torch.long)
+def fake_batch(rows: int, seq_len: int, trained: int, ignore_index: int) -> dict[str, torch.Tensor]:
+    """Token ids of one micro-batch and labels where the first ``trained`` positions carry a label (and every
+    row's length, which preference objectives read)."""
+    labels = torch.full((rows * seq_len,), ignore_index, dtype=torch.long)
     labels[:trained] = 0
-    return {"tokens": torch.zeros(batch_size, seq_len, dtype=torch.long), "labels": labels.view(batch_size, seq_len)}
+    tokens = torch.zeros(rows, seq_len, dtype=torch.long)
+    return {"tokens": tokens, "labels": labels.view(rows, seq_len), "lengths": torch.full((rows,), seq_len)}
 
 
 _traced: dict[tuple, Estimate] = {}  # what this process already traced (the plan and the tests ask again)
@@ -238,7 +241,8 @@ def estimate(cfg, setting: Setting, seq_len: int, trained_fraction: float = 1.0)
     """
     # Everything the trace reads. Gradient accumulation is added after: one micro-batch is traced, and from the
     # second on, the adapters' gradients of the earlier ones are alive throughout.
-    sections = OmegaConf.to_yaml(OmegaConf.create({"m": cfg.model, "l": cfg.loss, "o": cfg.optimizer}))
+    read = {"m": cfg.model, "l": cfg.loss, "o": cfg.optimizer, "objective": cfg.objective}
+    sections = OmegaConf.to_yaml(OmegaConf.create(read))
     key = (sections, cfg.dtype, dataclasses.replace(setting, gradient_accumulation_steps=1), seq_len, trained_fraction)
     if key not in _traced:
         _traced[key] = _trace(cfg, setting, seq_len, trained_fraction)
@@ -290,6 +294,8 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float) ->
         loss_fn = config.instantiate(cfg.loss)
         if setting.compile:
             loss_fn = training.compile_loss(loss_fn, verbose=False)
+        objective = objectives.build(cfg.objective, loss_fn)
+        rows = setting.batch_size * (2 if objective.pairs else 1)  # a pair is two sequences
         prepare(model, setting.compile, setting.checkpointed_layers, verbose=False)
         trunk, head = Trunk(model), model.output
 
@@ -308,17 +314,18 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float) ->
             for group in optimizer.param_groups:
                 group["fused"] = False
         offload = ReplayOffloading(live) if setting.offload else contextlib.nullcontext()
-        trained = round(setting.batch_size * seq_len * trained_fraction)
-        live.nonzero, live.positions = trained, setting.batch_size * seq_len
+        trained = round(rows * seq_len * trained_fraction)
+        live.nonzero, live.positions = trained, rows * seq_len
         with live:
             with live.counting_as("adapters + optimizer state"):  # the state a step after the first has
                 for p in params:
                     p.grad = torch.zeros_like(p)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            batch = fake_batch(setting.batch_size, seq_len, trained, loss_fn.ignore_index)
+            batch = fake_batch(rows, seq_len, trained, loss_fn.ignore_index)
+            parts = objectives.ModelParts(model, counted_trunk, head, offload)
             with live.counting_as("output layer + loss"):  # until backward reaches the trunk
-                loss, _ = loss_sum(counted_trunk, head, loss_fn, batch, offload)
+                loss, _ = objective(parts, batch, objective.counts(batch))  # DPO: its reference forward too
                 loss.backward()
             del loss, batch
             with live.counting_as("adapters + optimizer state"):
