@@ -125,14 +125,15 @@ def recipe_logits(checkpoint: Path, tmp_path: Path, **overrides) -> torch.Tensor
         return model.eval()(torch.tensor(PROBE_TOKENS)).float()
 
 
-def hf_logits(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """Logits on PROBE_TOKENS from the plain Hugging Face calls, run in .venv-hf (transformers + peft)."""
+def hf_logits(checkpoint: Path, tmp_path: Path, base: Path = TINY) -> dict[str, torch.Tensor]:
+    """Logits on PROBE_TOKENS from the plain Hugging Face calls, run in .venv-hf (transformers + peft): the base,
+    the checkpoint's adapter on it, and the checkpoint's merged model."""
     from safetensors.torch import load_file
 
     assert HF_PYTHON.exists(), "the Hugging Face test environment is missing: run `make test` (it builds .venv-hf)"
     tokens_file, out = tmp_path / "tokens.json", tmp_path / "hf.safetensors"
     tokens_file.write_text(json.dumps(PROBE_TOKENS))
-    args = [TINY, checkpoint / "adapter", checkpoint / "model", tokens_file, out]
+    args = [base, checkpoint / "adapter", checkpoint / "model", tokens_file, out]
     result = subprocess.run([HF_PYTHON, REPO / "tests" / "hf_logits.py", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(out)

@@ -76,7 +76,10 @@ def orpo(base_dir, adapter_dir, pairs, beta) -> dict:
 def main(base_dir: str, adapter_dir: str, in_path: str, out_path: str) -> None:
     request = json.loads(open(in_path, encoding="utf-8").read())
     pairs, beta = request["pairs"], request["beta"]
-    out = {"dpo": dpo(base_dir, adapter_dir, pairs, beta, request.get("dpo", {})), "orpo": orpo(base_dir, adapter_dir, pairs, beta)}
+    out = {
+        "dpo": dpo(base_dir, adapter_dir, pairs, beta, request.get("dpo", {})),
+        "orpo": orpo(base_dir, adapter_dir, pairs, beta),
+    }
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(out, f)
 

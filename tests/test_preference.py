@@ -2,17 +2,34 @@
 the outputs and the memory plan."""
 
 import json
+import signal
 import subprocess
 
 import pytest
 import torch
+from conftest import (
+    HF_PYTHON,
+    REPO,
+    TINY,
+    TUNE,
+    final_adapter,
+    hf_logits,
+    latest_checkpoint,
+    logged_metrics,
+    losses,
+    offline_env,
+    pointer,
+    recipe_logits,
+    tune,
+    wait_for,
+)
 
-from conftest import HF_PYTHON, REPO, TINY
 from lora_tools.config import settings
 from lora_tools.config.loader import load_config
 from lora_tools.train import objectives
 
 DPO_CONFIG = "configs/tiny_dpo.yaml"
+CHAT_STEP = "step_0000120"  # the chat demo's last step: configs/tiny_dpo.yaml starts from its merged model
 
 
 def recipe_on_the_base(tmp_path, *overrides):
@@ -86,3 +103,138 @@ def test_dpo_and_orpo_losses_and_metrics_equal_trls(tmp_path):
         assert dpo[key] == pytest.approx(trl["dpo"][key], rel=1e-5), key
     for key in ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected"):
         assert orpo[key] == pytest.approx(trl["orpo"][key], abs=1e-5), key
+
+
+# --- the tiny DPO demo (make demo-dpo), from the chat demo's merged model --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dpo_demo(chat_demo, tmp_path_factory):
+    """`make demo-dpo` on this session's chat demo: (output_dir, base model folder, result)."""
+    chat_out, _, _ = chat_demo
+    base = chat_out / "checkpoints" / CHAT_STEP / "model"
+    out = tmp_path_factory.mktemp("dpo_demo") / "out"
+    result = tune("run", "lora_finetune_single_device.py", "--config", DPO_CONFIG, f"output_dir={out}",
+                  f"checkpointer.checkpoint_dir={base}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, base, result
+
+
+def test_the_dpo_demo_moves_the_held_out_preferences(dpo_demo):
+    """Held-out pairs (wordings training never uses): the share whose chosen answer the model gives the higher
+    log-probability goes from at most 60% to at least 90%, the mean log-prob margin rises, and the demo prints the
+    before/after table and sample answers before and after."""
+    out, _, result = dpo_demo
+    metrics = logged_metrics(out)
+    last = max(metrics)
+    before, after = metrics[0], metrics[last]
+    print(f"\nheld-out preference accuracy {before['eval/preference_accuracy']:.2f} -> "
+          f"{after['eval/preference_accuracy']:.2f}, margin {before['eval/preference_margin']:+.2f} -> "
+          f"{after['eval/preference_margin']:+.2f}")  # fmt: skip
+    assert before["eval/preference_accuracy"] <= 0.6
+    assert after["eval/preference_accuracy"] >= 0.9
+    assert after["eval/preference_margin"] > before["eval/preference_margin"]
+    assert before["eval/rewards/margins"] == 0 and after["eval/rewards/margins"] > 0  # the reference is the start
+    assert after["eval/rewards/accuracies"] >= 0.9
+    assert before["val_loss"] > after["val_loss"]
+    for step in range(1, last + 1):  # TRL's names, every step
+        assert {"loss", "train/rewards/chosen", "train/rewards/margins", "train/logps/rejected"} <= set(metrics[step])
+    table = result.stdout[result.stdout.index("held-out preference pairs:") :].splitlines()
+    assert table[1].startswith("when | chosen preferred | log-prob margin | rewards/accuracies")
+    assert table[2].startswith(f"before | {100 * before['eval/preference_accuracy']:.1f}%")
+    assert table[3].startswith(f"after | {100 * after['eval/preference_accuracy']:.1f}%")
+    for step in (0, last):
+        assert f"sample at step {step} | 'What color is the lemon?' ->" in result.stdout + result.stderr
+    card = (latest_checkpoint(out) / "adapter" / "README.md").read_text()
+    assert "## Held-out preference pairs" in card and "| before |" in card and "| DPO (" in card
+
+
+def test_the_dpo_adapter_and_merged_model_load_in_transformers_and_agree(dpo_demo, tmp_path):
+    """The plain Hugging Face calls: PEFT's adapter on the run's base (the chat demo's merged model), and the
+    merged model, give the recipe's own logits."""
+    out, base, _ = dpo_demo
+    ckpt = latest_checkpoint(out)
+    ours = recipe_logits(ckpt, tmp_path, **{"checkpointer.checkpoint_dir": base})
+    hf = hf_logits(ckpt, tmp_path, base=base)
+    tolerance = 1e-4 * ours.abs().max().item()
+    assert (hf["peft"] - hf["merged"]).abs().max().item() <= tolerance
+    assert (hf["peft"] - ours).abs().max().item() <= tolerance
+    assert (hf["peft"] - hf["base"]).abs().max().item() > 100 * tolerance  # DPO moved the model
+
+
+def test_the_dpo_run_exports_a_gguf_that_llama_cpp_runs_as_transformers_does(dpo_demo, tmp_path):
+    """GGUF export of the preference run's last checkpoint (f16): llama.cpp's next-token logits on held-out
+    prompts equal transformers' on the merged model within the f16 bound of tests/test_gguf.py."""
+    import llama_cpp
+    import numpy as np
+    from test_gguf import F16_BOUND
+
+    from lora_tools.export import __main__ as export
+
+    out, base, _ = dpo_demo
+    args = ["--config", DPO_CONFIG, f"output_dir={out}", f"checkpointer.checkpoint_dir={base}", "--gguf"]
+    assert export.main([*args, "--quant", "f16"]) == 0
+    ckpt = latest_checkpoint(out)
+    prompts = [[row["prompt"]] for row in map(json.loads, (TINY / "data/pairs_heldout.jsonl").read_text().splitlines())]
+    from torchtune import config
+
+    from lora_tools.eval.inference import PromptFormat
+
+    cfg = load_config(["--config", DPO_CONFIG, f"checkpointer.checkpoint_dir={base}"])
+    fmt = PromptFormat(cfg, config.instantiate(cfg.tokenizer))
+    tokens = [fmt.tokens([{"role": "user", "content": p[0]}]) for p in prompts[:5]]
+    (tmp_path / "prompts.json").write_text(json.dumps(tokens))
+    cmd = [
+        HF_PYTHON,
+        REPO / "tests/hf_generate.py",
+        ckpt / "model",
+        tmp_path / "prompts.json",
+        "1",
+        tmp_path / "o.json",
+    ]
+    subprocess.run(cmd, check=True, timeout=300)
+    hf = json.loads((tmp_path / "o.json").read_text())
+    llm = llama_cpp.Llama(model_path=str(ckpt / "gguf" / "model-f16.gguf"), n_ctx=512, logits_all=True, verbose=False)
+    worst = 0.0
+    for ids, logits in zip(tokens, hf["logits"], strict=True):
+        llm.reset()
+        llm.eval(ids)
+        ours = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+        worst = max(worst, float(np.abs(ours - np.array(logits)).max() / np.abs(np.array(logits)).max()))
+    assert worst <= F16_BOUND, worst
+
+
+# --- exact resume ------------------------------------------------------------------------------------------------
+
+
+def test_a_dpo_run_killed_and_resumed_ends_with_the_same_adapter(tmp_path):
+    """DPO on the tiny base with the reference precomputed (kept in each checkpoint): killed with SIGKILL after its
+    step-4 checkpoint and resumed, it logs the same losses and ends with the same adapter as a run left alone,
+    exactly (one process, the same kernels in the same order), as the SFT resume test asserts."""
+    common = ["--config", DPO_CONFIG, f"checkpointer.checkpoint_dir={TINY}", "val_dataset=null", "sample_prompts=[]"]
+    common += ["max_steps_per_epoch=10", "save_every_n_steps=4", "batch_size=8", "objective.precompute_reference=True"]
+    full_out, cut_out = tmp_path / "full", tmp_path / "cut"
+    full = tune(
+        "run", "lora_finetune_single_device.py", *common, f"output_dir={full_out}", "metric_logger.filename=a.txt"
+    )
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "Reference log-probs of 1200 pairs computed" in full.stdout + full.stderr
+    expected = losses(full_out, "a.txt")
+    assert sorted(expected) == list(range(1, 11))
+
+    command = [TUNE, "run", "lora_finetune_single_device.py", *common, f"output_dir={cut_out}"]
+    proc = subprocess.Popen(command, cwd=REPO, env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: pointer(cut_out) == "step_0000004", proc=proc)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    again = [*common, f"output_dir={cut_out}", "resume_from_checkpoint=True", "metric_logger.filename=b.txt"]
+    resumed = tune("run", "lora_finetune_single_device.py", *again)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Reference log-probs" not in resumed.stdout + resumed.stderr  # taken from the checkpoint
+    after = losses(cut_out, "b.txt")
+    assert sorted(after) == list(range(5, 11))
+    assert after == {step: expected[step] for step in after}
+    want, got = final_adapter(full_out), final_adapter(cut_out)
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
