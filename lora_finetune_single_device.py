@@ -124,8 +124,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._model = self._setup_model(base, resume["adapter"] if resume else None)
         del base  # the weights now live in the model
         if reference.wanted(self._objective):  # DPO's reference log-probs: computed now, at step 0, or resumed
-            for name, built in self._built.items():
-                built.dataset.reference = resume["reference_logps"][name] if resume else self._reference(built)
+            scored = (self._objective, self._parts, c.batch_size, c.collate_fn, self._tokenizer.pad_id)
+            reference.attach(self._built, resume, self.last_checkpoint, scored, self._strategy, self._device)
         self._optimizer = config.instantiate(c.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._lr_scheduler = self._setup_lr_scheduler(c.lr_scheduler, self._total_steps)
         if resume:
@@ -182,11 +182,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if evaluation:
             return batching.eval_dataloader(built, c.batch_size, collate, s.world_size, s.rank, ignore)
         return batching.dataloader(built, c.batch_size, collate, s.world_size, s.rank, self.seed, c.shuffle)
-
-    def _reference(self, built: batching.BuiltDataset):
-        collate = batching.collate_for(built, self.cfg.collate_fn, self._tokenizer.pad_id, built.ignore_index)
-        return reference.precompute(self._objective, self._parts, built, self.cfg.batch_size, collate,
-                                    self._strategy, self._device)  # fmt: skip
 
     def _setup_model(self, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None):
         c = self.cfg
@@ -334,26 +329,18 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         before, after = self.val_before, self.val_after
         loss_rows = [("before", before), ("after", after)] if before is not None and after is not None else None
         rows = self.eval_result["rows"] if self.eval_result else None
-        pairs = self._preference_rows()
+        pairs = report.before_and_after(self.val_metrics, self.global_step)
         model_card.run_card(c, self.last_checkpoint, None if pairs else loss_rows, rows, PLOT_FILE, pairs)
-
-    def _preference_rows(self) -> list[tuple[str, dict]] | None:
-        """Held-out preference metrics before training and after it, for the summary and the card."""
-        before, after = self.val_metrics.get(0), self.val_metrics.get(self.global_step)
-        if before is None or after is None:
-            return None
-        return [("before", before), ("after", after)]
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], prof) -> dict[str, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the step's metrics."""
         # What the step's means divide by (trained tokens; pairs), over every micro-batch and process, first.
-        totals = objectives.add_up(self._objective.counts(b) for b in micro_batches)
-        totals = {k: self._strategy.sum(v.to(self._device)) for k, v in totals.items()}
-        sums = []
+        counts = [{k: v.to(self._device) for k, v in self._objective.counts(b).items()} for b in micro_batches]
+        totals, sums = objectives.summed(counts, self._strategy), []
         for batch in micro_batches:
             sums.append(self.forward_backward(batch, totals))
             prof.step()
-        sums = {k: self._strategy.sum(v) for k, v in objectives.add_up(sums).items()}
+        sums = objectives.summed(sums, self._strategy)
         if self._strategy.world_size > 1:  # FSDP averages gradients over processes; each gave its share of the sum
             training.scale_grads(self._model, self._strategy.world_size)
         grad_norm = self._strategy.grad_norm(self.adapter_params.values(), self.cfg.clip_grad_norm)
@@ -395,8 +382,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             counts.append(self._objective.counts(batch))
             sums.append(self._objective(self._parts, batch, counts[-1])[1])
         self._model.train()
-        counts = {k: self._strategy.sum(v) for k, v in objectives.add_up(counts).items()}
-        return self._objective.reduce({k: self._strategy.sum(v) for k, v in objectives.add_up(sums).items()}, counts)
+        s = self._strategy
+        return self._objective.reduce(objectives.summed(sums, s), objectives.summed(counts, s))
 
     def _validate(self) -> float | None:
         """The validation loss at the current step, logged and kept for the plot (None without val_dataset)."""
@@ -406,12 +393,10 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         val = values.pop("loss")
         self._last_val = (self.global_step, val)
         self.history.append({"step": self.global_step, "val_loss": val})
-        if self._objective.pairs:
+        if self._objective.pairs:  # TRL's names; kept for the before/after table
             self.val_metrics[self.global_step] = {**values, "loss": val}
-            values = {"val_loss": val, **{f"eval/{k}": v for k, v in values.items()}}
-            self._metric_logger.log_dict(values, step=self.global_step)
-        else:
-            self._metric_logger.log_dict({"val_loss": val, "val_perplexity": math.exp(val)}, step=self.global_step)
+        logged = {f"eval/{k}": v for k, v in values.items()} if values else {"val_perplexity": math.exp(val)}
+        self._metric_logger.log_dict({"val_loss": val, **logged}, step=self.global_step)
         return val
 
     @torch.no_grad()
@@ -502,12 +487,10 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
     def summary(self) -> str:
         """Printed at the end of a run: what training did to the loss, and where the outputs are."""
         vocab, adapter = self._model.tok_embeddings.num_embeddings, self.last_checkpoint / checkpoints.ADAPTER
-        pairs = self._preference_rows()
-        before, after = (None, None) if self._objective.pairs else (self.val_before, self.val_after)
-        text = report.summary(self.first_step_loss, vocab, before, after, adapter, self.merged_model)
-        if pairs:
-            header, rows = model_card.preference_table(pairs)
-            text += "\nheld-out preference pairs:\n" + "\n".join(" | ".join(map(str, r)) for r in [header, *rows])
+        sft = not self._objective.pairs  # a preference run shows its held-out table, not losses to compare
+        first, before, after = (self.first_step_loss, self.val_before, self.val_after) if sft else (None,) * 3
+        pairs = report.before_and_after(self.val_metrics, self.global_step)
+        text = report.summary(first, vocab, before, after, adapter, self.merged_model, pairs)
         if self.eval_result:
             text += "\n" + harness.table(self.eval_result["rows"])
         return text

@@ -159,6 +159,7 @@ def test_checkpoint_layers_spreads_them_evenly():
         "configs/llama3_2_3b_dora.yaml",
         "configs/llama3_2_3b_qlora.yaml",
         "configs/llama3_2_3b_lora_distributed.yaml",
+        "configs/llama3_2_3b_dpo.yaml",
         "configs/tiny.yaml",
     ],
 )

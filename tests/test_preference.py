@@ -238,3 +238,41 @@ def test_a_dpo_run_killed_and_resumed_ends_with_the_same_adapter(tmp_path):
     assert after == {step: expected[step] for step in after}
     want, got = final_adapter(full_out), final_adapter(cut_out)
     assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+
+
+# --- the memory plan -----------------------------------------------------------------------------------------------
+
+
+def test_the_dpo_plan_predicts_the_profilers_peak_of_a_real_run(tmp_path):
+    """As tests/test_memory_plan.py checks SFT: two DPO optimizer steps of the real recipe on the tiny model
+    (two rows per pair, and the reference forward with the adapters off, without gradients), every CPU allocation
+    and free recorded by torch.profiler; the plan's predicted peak is within 10% of the largest live total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_tools import memory
+
+    class NoProfiler:
+        def step(self):
+            pass
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        recipe = recipe_on_the_base(tmp_path, "batch_size=8")
+        batch = next(iter(recipe._dataloader))
+        rows, width = batch["tokens"].shape
+        trained = int((batch["labels"] != -100).sum())
+        with torch.profiler.record_function("steps"):
+            recipe.train_step([dict(batch)], NoProfiler())
+            recipe.train_step([dict(batch)], NoProfiler())
+    events = prof.profiler.kineto_results.events()
+    steps = next(e for e in events if e.name() == "steps")
+    live = measured = 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        if steps.start_ns() <= e.start_ns() <= steps.end_ns():
+            measured = max(measured, live)
+    assert rows == 16  # 8 pairs
+    predicted = memory.estimate(recipe.cfg, memory.Setting(8, 1, 0, False, False), width, trained / (rows * width)).peak
+    print(f"tiny DPO: predicted {predicted / 2**20:.3f} MiB, profiler {measured / 2**20:.3f} MiB")
+    assert measured > 10 * 2**20
+    assert abs(predicted - measured) <= 0.10 * measured
+

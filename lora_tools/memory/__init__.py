@@ -221,13 +221,13 @@ def fake_model(model_cfg, dtype: torch.dtype, fake: FakeTensorMode) -> nn.Module
     return model
 
 
-def fake_batch(rows: int, seq_len: int, trained: int, ignore_index: int) -> dict[str, torch.Tensor]:
-    """Token ids of one micro-batch and labels where the first ``trained`` positions carry a label (and every
-    row's length, which preference objectives read)."""
+def fake_batch(rows: int, seq_len: int, trained: int, ignore_index: int, pairs: bool = False) -> dict:
+    """Token ids of one micro-batch and labels where the first ``trained`` positions carry a label; for preference
+    pairs (``rows`` = 2 x pairs) also every row's length."""
     labels = torch.full((rows * seq_len,), ignore_index, dtype=torch.long)
     labels[:trained] = 0
-    tokens = torch.zeros(rows, seq_len, dtype=torch.long)
-    return {"tokens": tokens, "labels": labels.view(rows, seq_len), "lengths": torch.full((rows,), seq_len)}
+    batch = {"tokens": torch.zeros(rows, seq_len, dtype=torch.long), "labels": labels.view(rows, seq_len)}
+    return {**batch, "lengths": torch.full((rows,), seq_len)} if pairs else batch
 
 
 _traced: dict[tuple, Estimate] = {}  # what this process already traced (the plan and the tests ask again)
@@ -302,7 +302,8 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float) ->
         def counted_trunk(**inputs):
             with live.counting_as("activations"):
                 hidden = trunk(**inputs)
-            hidden.register_hook(lambda grad: setattr(live, "part", "activations"))
+            if hidden.requires_grad:  # not DPO's reference forward
+                hidden.register_hook(lambda grad: setattr(live, "part", "activations"))
             return hidden
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -322,7 +323,7 @@ def _trace_step(cfg, setting: Setting, seq_len: int, trained_fraction: float) ->
                     p.grad = torch.zeros_like(p)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            batch = fake_batch(rows, seq_len, trained, loss_fn.ignore_index)
+            batch = fake_batch(rows, seq_len, trained, loss_fn.ignore_index, objective.pairs)
             parts = objectives.ModelParts(model, counted_trunk, head, offload)
             with live.counting_as("output layer + loss"):  # until backward reaches the trunk
                 loss, _ = objective(parts, batch, objective.counts(batch))  # DPO: its reference forward too

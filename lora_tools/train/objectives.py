@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchtune.modules.peft import disable_adapter
 
 from lora_tools.errors import UserError
@@ -79,13 +80,30 @@ def response_logps(parts: ModelParts, batch: dict[str, torch.Tensor], ignore_ind
         real = torch.arange(tokens.shape[1], device=tokens.device) < (batch["lengths"][:, None] - 1)
         picked = trained | (real & (torch.arange(tokens.shape[0], device=tokens.device) < b)[:, None])
     targets = torch.where(trained, labels, tokens.roll(-1, dims=1))[picked]
-    token_logps = -F.cross_entropy(parts.head(hidden[picked]).float(), targets, reduction="none")
+    token_logps = _token_logps(parts.head, hidden[picked], targets)
     rows, zeros = picked.nonzero()[:, 0], torch.zeros(tokens.shape[0], device=hidden.device)
     counts = trained.sum(dim=1)
     if not whole_chosen:
         return zeros.index_add(0, rows, token_logps), counts
     sums = zeros.index_add(0, rows, token_logps * trained[picked])
     return sums, counts, zeros.index_add(0, rows, token_logps), picked.sum(dim=1)
+
+
+LOGIT_CHUNK = 1024  # positions whose fp32 logits (x vocabulary) exist at once: 0.5 GiB for Llama 3's 128k
+
+
+def _token_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position: the output layer and its fp32 log-softmax a chunk of positions at a time,
+    recomputed in backward rather than kept (one chunk's logits alive, not all of them)."""
+
+    def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(head(h).float(), t, reduction="none")
+
+    if hidden.shape[0] <= LOGIT_CHUNK:
+        return chunk(hidden, targets)
+    pieces = zip(hidden.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK), strict=True)
+    grad = torch.is_grad_enabled()
+    return torch.cat([checkpoint(chunk, h, t, use_reentrant=False) if grad else chunk(h, t) for h, t in pieces])
 
 
 class _Preference:
@@ -274,6 +292,11 @@ def add_up(parts) -> Sums:
         for key, value in part.items():
             total[key] = total[key] + value if key in total else value
     return total
+
+
+def summed(parts, strategy) -> Sums:
+    """Key by key, the sum over several dicts of tensors (a step's micro-batches) and over every process."""
+    return {key: strategy.sum(value) for key, value in add_up(parts).items()}
 
 
 def check_data_fits(objective, built, name: str) -> None:

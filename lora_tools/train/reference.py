@@ -12,6 +12,7 @@ import torch
 from torchtune import utils
 
 from lora_tools.data import batching
+from lora_tools.errors import UserError
 from lora_tools.train.objectives import response_logps
 
 log = utils.get_logger("INFO")
@@ -19,6 +20,20 @@ log = utils.get_logger("INFO")
 
 def wanted(objective) -> bool:
     return bool(getattr(objective, "precompute_reference", False))
+
+
+def saved(state: dict, folder, names: list[str]) -> dict[str, torch.Tensor]:
+    """The reference log-probs a resumed checkpoint holds for each dataset; a run saved without them cannot get
+    them back (the model has trained since), so that is one line."""
+    kept = state.get("reference_logps") or {}
+    missing = [name for name in names if name not in kept]
+    if missing:
+        raise UserError(
+            f"{folder} has no precomputed reference log-probs for {missing[0]} (it was saved without "
+            "objective.precompute_reference, or with another dataset section); resume with "
+            "objective.precompute_reference=False"
+        )
+    return kept
 
 
 @torch.no_grad()
@@ -39,3 +54,16 @@ def precompute(objective, parts, built: batching.BuiltDataset, batch_size: int, 
     out = strategy.sum(out).cpu()
     log.info(f"Reference log-probs of {len(out)} pairs computed in {time.perf_counter() - t0:.1f}s.")
     return out
+
+
+def attach(built_sets: dict, resume: dict | None, folder, scored: tuple, strategy, device) -> None:
+    """Each dataset's reference log-probs onto its pairs: from the resumed checkpoint, or computed now (step 0).
+    ``scored``: (objective, model parts, batch size, collate_fn setting, pad id)."""
+    kept = saved(resume, folder, list(built_sets)) if resume else None
+    objective, parts, batch_size, collate_fn, pad_id = scored
+    for name, built in built_sets.items():
+        if kept is not None:
+            built.dataset.reference = kept[name]
+            continue
+        collate = batching.collate_for(built, collate_fn, pad_id, built.ignore_index)
+        built.dataset.reference = precompute(objective, parts, built, batch_size, collate, strategy, device)

@@ -31,8 +31,10 @@ def summary(
     after: float | None,
     adapter: Path,
     merged: Path | None,
+    preference_rows: list[tuple[str, dict]] | None = None,
 ) -> str:
-    """The first loss against ln(vocabulary) (a random model's), held-out loss before and after, the outputs."""
+    """The first loss against ln(vocabulary) (a random model's), held-out loss before and after (or the held-out
+    preference metrics), the outputs."""
     lines = []
     if first_step_loss is not None:
         lines.append(
@@ -45,7 +47,19 @@ def summary(
         lines.append(f"{'':<8}{'loss':>10}{'perplexity':>12}")
         for name, val in (("before", before), ("after", after)):
             lines.append(f"{name:<8}{val:>10.4f}{math.exp(val):>12.2f}")
+    if preference_rows:
+        from lora_tools.export.model_card import preference_table
+
+        header, rows = preference_table(preference_rows)
+        lines += ["held-out preference pairs:", *(" | ".join(map(str, r)) for r in [header, *rows])]
     lines.append(f"adapter (PEFT):    {adapter}")
     if merged is not None:
         lines.append(f"merged model (HF): {merged}")
     return "\n".join(lines)
+
+
+def before_and_after(val_metrics: dict[int, dict], step: int) -> list[tuple[str, dict]] | None:
+    """Held-out preference metrics at step 0 and at ``step`` (both scored), for the summary and the model card."""
+    if 0 not in val_metrics or step not in val_metrics:
+        return None
+    return [("before", val_metrics[0]), ("after", val_metrics[step])]
