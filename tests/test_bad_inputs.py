@@ -48,6 +48,28 @@ def _chat_rows(*rows: str, good_before: int = 0) -> str:
     return "\n".join([GOOD_CHAT] * good_before + list(rows)) + "\n"
 
 
+# Preference pairs: configs/tiny_dpo.yaml on the tiny base (its demo base, a chat run's output, is not there in
+# tests), reading {tmp}/pairs.jsonl
+DPO_CFG = "configs/tiny_dpo.yaml"
+ON_TINY = ("checkpointer.checkpoint_dir=assets/tiny",)
+PAIRS = (*ON_TINY, "dataset.source={tmp}/pairs.jsonl")
+GOOD_PAIR = '{"prompt": "What color is the lemon?", "chosen": "Yellow.", "rejected": "Blue."}'
+OBJECTIVES = "lora_tools.train.objectives"
+
+
+def _pair_rows(*rows: str, good_before: int = 1) -> str:
+    return "\n".join([GOOD_PAIR] * good_before + list(rows)) + "\n"
+
+
+def _two_pair_files() -> str:
+    """configs/tiny_dpo.yaml on the tiny base with a list of two preference datasets as its training data."""
+    text = (REPO / DPO_CFG).read_text().replace("outputs/tiny_chat/checkpoints/step_0000120/model", "assets/tiny")
+    builder = "_component_: lora_tools.data.preference.preference_dataset\n"
+    first = f"- {builder}  source: assets/tiny/data/pairs_heldout.jsonl\n  chat_template: assets/tiny\n"
+    assert text.count(f"\ndataset:\n  {builder}") == 1
+    return text.replace(f"\ndataset:\n  {builder}", f"\ndataset:\n{first}- {builder}")
+
+
 def _write_parquet(tmp: Path, monkeypatch) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -403,6 +425,168 @@ CASES = [
         ("val_dataset.source={tmp}/held.jsonl",),
         config=OWN,
         files={"held.jsonl": _chat_rows('{"messages": [{"role": "narrator", "content": "a"}]}')},
+    ),
+    # --- preference pairs (lora_tools.data.preference) and their objectives (DPO, ORPO) --------------------------
+    Case(
+        "pairs-missing-chosen",
+        ("pairs.jsonl, row 2: no 'chosen' column", "the row has: prompt, answer, rejected", "dataset.chosen_column"),
+        PAIRS,
+        config=DPO_CFG,
+        files={"pairs.jsonl": _pair_rows('{"prompt": "q", "answer": "a", "rejected": "b"}')},
+    ),
+    Case(
+        "pairs-missing-rejected",
+        ("pairs.jsonl, row 3: no 'rejected' column", "the row has: prompt, chosen", "dataset.rejected_column"),
+        PAIRS,
+        config=DPO_CFG,
+        files={"pairs.jsonl": _pair_rows('{"prompt": "q", "chosen": "a", "rejected": null}', good_before=2)},
+    ),
+    Case(
+        "pairs-hh-no-common-prefix",
+        ("pairs.jsonl, row 2: chosen and rejected share no first message", "the same up to the response"),
+        PAIRS,
+        config=DPO_CFG,
+        files={
+            "pairs.jsonl": _pair_rows(
+                '{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello.", '
+                '"rejected": "\\n\\nHuman: Hey\\n\\nAssistant: Go away."}'
+            )
+        },
+    ),
+    Case(
+        "pairs-empty-chosen",
+        ("pairs.jsonl, row 2: the chosen response is empty", "write it or remove the row"),
+        PAIRS,
+        config=DPO_CFG,
+        files={"pairs.jsonl": _pair_rows('{"prompt": "q", "chosen": " ", "rejected": "b"}')},
+    ),
+    Case(
+        "pairs-response-longer-than-max-seq-len",
+        (
+            "pairs.jsonl, row 2: the rejected response is",
+            "no room for the prompt within tokenizer.max_seq_len 16",
+            "raise tokenizer.max_seq_len",
+        ),
+        (*PAIRS, "tokenizer.max_seq_len=16"),
+        config=DPO_CFG,
+        files={"pairs.jsonl": _pair_rows('{"prompt": "q", "chosen": "a", "rejected": "%s"}' % ("word " * 40))},
+    ),
+    Case(
+        "pairs-unknown-role",
+        ("pairs.jsonl, row 2, column 'prompt', message 2: unknown role 'robot'", "use system, user or assistant"),
+        PAIRS,
+        config=DPO_CFG,
+        files={
+            "pairs.jsonl": _pair_rows(
+                '{"prompt": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}, '
+                '{"role": "user", "content": "c"}], "chosen": "x", "rejected": "y"}'
+            )
+        },
+    ),
+    Case(
+        "pairs-packed",
+        ("dataset.packed", "preference pairs are not packed"),
+        (*ON_TINY, "dataset.packed=True"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "pairs-without-objective",
+        ("dataset gives preference pairs but no objective is set", f"objective._component_={OBJECTIVES}.DPO"),
+        (*ON_TINY, "~objective"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "pairs-objective-null",
+        ("dataset gives preference pairs but no objective is set",),
+        (*ON_TINY, "objective=null"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-dpo-on-sft-data",  # conversations (lora_tools' own reader: no progress bars of `datasets`)
+        ("dataset: DPO trains on preference pairs", "single sequences", "preference_dataset (prompt, chosen"),
+        (f"objective._component_={OBJECTIVES}.DPO",),
+        config=OWN,
+    ),
+    Case(
+        "objective-unknown",
+        (
+            f"override objective._component_={OBJECTIVES}.KTO: objective._component_ {OBJECTIVES}.KTO does not exist",
+            f"objectives has no KTO; use {OBJECTIVES}.DPO or {OBJECTIVES}.ORPO (or objective=null for SFT)",
+        ),
+        (*ON_TINY, f"objective._component_={OBJECTIVES}.KTO"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-typo",
+        (f"did you mean {OBJECTIVES}.ORPO?",),
+        (*ON_TINY, f"objective._component_={OBJECTIVES}.OPRO"),
+        config=DPO_CFG,
+        absent=("use lora_tools",),
+    ),
+    Case(
+        "objective-beta-0",
+        ("objective.beta is 0", "greater than 0"),
+        (*ON_TINY, "objective.beta=0"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-beta-negative",
+        ("objective.beta is -1", "greater than 0"),
+        (*ON_TINY, "objective.beta=-1"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-label-smoothing-half",
+        ("objective.label_smoothing is 0.5", "from 0 up to 0.5"),
+        (*ON_TINY, "objective.label_smoothing=0.5"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-orpo-with-dpo-options",
+        (
+            "tiny_dpo.yaml: unknown keys 'objective.label_smoothing', 'objective.precompute_reference' and "
+            f"'objective.sft_weight': {OBJECTIVES}.ORPO takes no such arguments (it takes beta, nll_on_prompt); "
+            "remove them",
+        ),
+        (*ON_TINY, f"objective._component_={OBJECTIVES}.ORPO"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-orpo-precompute-reference",
+        (
+            "override objective.precompute_reference=True: unknown key 'objective.precompute_reference': "
+            f"{OBJECTIVES}.ORPO takes no such argument (it takes beta, nll_on_prompt); remove it",
+        ),
+        (
+            *ON_TINY,
+            f"objective._component_={OBJECTIVES}.ORPO",
+            "~objective.label_smoothing",
+            "~objective.sft_weight",
+            "objective.precompute_reference=True",
+        ),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-sft-weight-negative",
+        ("objective.sft_weight is -1", "a number >= 0"),
+        (*ON_TINY, "objective.sft_weight=-1"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "objective-dpo-on-sft-val-dataset",  # pairs to train on, conversations held out
+        ("val_dataset: DPO trains on preference pairs", "val_dataset gives single sequences"),
+        (
+            *ON_TINY,
+            "val_dataset._component_=lora_tools.data.sft.conversation_dataset",
+            "val_dataset.source=assets/tiny/data/chat_heldout.jsonl",
+        ),
+        config=DPO_CFG,
+    ),
+    Case(
+        "pairs-in-a-list",
+        ("dataset: a preference dataset must be the only one in its section",),
+        config="{tmp}/two.yaml",
+        files={"two.yaml": _two_pair_files()},
     ),
     # --- .env and W&B ------------------------------------------------------------------------------------------
     Case(

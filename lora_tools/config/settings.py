@@ -109,8 +109,9 @@ class RecipeSettings:
 
     # --- optional -------------------------------------------------------------------------------------------
     objective: Component | None = setting(
-        "what training minimizes: lora_tools.train.objectives.DPO or ORPO on preference pairs; null: SFT with loss",
+        "what training minimizes: lora_tools.train.objectives.DPO or ORPO on pairs; null: SFT with loss",
         None,
+        choices="lora_tools.train.objectives.DPO or lora_tools.train.objectives.ORPO (or objective=null for SFT)",
     )
     val_dataset: Component | ListConfig | None = setting(
         "held-out data scored before, during and after training; null: none", None, passes=(1, ())
@@ -284,20 +285,28 @@ def _component_section(source: str, name: str, value: Any, f: dataclasses.Field)
         return OmegaConf.create(value)
     if isinstance(value, dict) and "_component_" not in value and default_component:
         value = {"_component_": default_component, **value}
-    _check_component(source, name, value, f.metadata.get("passes", (0, ())))
+    _check_component(source, name, value, f.metadata.get("passes", (0, ())), f.metadata.get("choices"))
     return OmegaConf.create(value)
 
 
-def _check_component(source: str, section: str, node: Any, passes: tuple[int, tuple[str, ...]]) -> None:
+def _check_component(
+    source: str, section: str, node: Any, passes: tuple[int, tuple[str, ...]], choices: str | None = None
+) -> None:
     """Keys of a component section against the signature of what it names; ``passes``: (leading positional
-    arguments, keyword arguments) that the recipe itself gives when it instantiates the section."""
+    arguments, keyword arguments) that the recipe itself gives when it instantiates the section; ``choices``:
+    the components the section takes, named when _component_ is nothing like any of them."""
     if not isinstance(node, dict) or not isinstance(node.get("_component_"), str):
         raise UserError(
             f"{source}: {section} must be a section with _component_ (the dotted path of a class or function) "
             f"and its arguments; see lora_finetune_single_device.yaml"
         )
     path = node["_component_"]
-    target = _import(source, f"{section}._component_", path)
+    try:
+        target = _import(source, f"{section}._component_", path)
+    except UserError as e:
+        if not (choices and str(e).endswith("; check the name")):
+            raise
+        raise UserError(str(e).removesuffix("check the name") + f"use {choices}") from None
     if not callable(target):
         raise UserError(f"{source}: {section}._component_ {path} is not a class or function; check the name")
     try:
@@ -328,7 +337,8 @@ def _check_component(source: str, section: str, node: Any, passes: tuple[int, tu
         elif key in extra:
             annotation = extra[key]
         else:
-            raise _unknown(source, f"{section}.{key}", key, [*(set(named) - passed), *extra], path)
+            unknown = [k for k in node if k != "_component_" and k not in named and k not in passed and k not in extra]
+            raise _unknown(source, f"{section}.{key}", key, [*(set(named) - passed), *extra], path, unknown)
         if _fits(value, annotation) is False:
             raise _bad_value(source, f"{section}.{key}", value, _describe(annotation), f"{path} takes ")
         for rule_section, rule_key, test, words in VALUE_RULES:
@@ -381,6 +391,7 @@ def _extra_keyword_names(target: Any, node: dict) -> dict[str, Any] | None:
 
 def _import(source: str, key: str, path: str) -> Any:
     """The object a dotted path names (importlib, then getattr), or UserError with the closest existing name."""
+    source = _of(source, key)
     parts = path.split(".")
     if not all(p.isidentifier() for p in parts):
         raise UserError(f"{source}: {key} {path!r} is not a dotted Python path; write e.g. torch.optim.AdamW")
@@ -522,11 +533,24 @@ def _bad_value(source: str, key: str, value: Any, expected: str, who: str = "") 
     )
 
 
-def _unknown(source: str, key: str, name: str, candidates: list[str], component: str = "") -> UserError:
-    """One line for a key nothing reads, with the closest valid one."""
+def _unknown(
+    source: str, key: str, name: str, candidates: list[str], component: str = "", others: list[str] | None = None
+) -> UserError:
+    """One line for a key nothing reads, with the closest valid one. A component's key with no close match (such
+    as DPO's keys left in when the section switches to ORPO): every such key of the section (``others``), and
+    what the component takes instead."""
     prefix = key[: len(key) - len(name)]
     alias = ALIASES.get(name)
     match = [alias] if alias in candidates else difflib.get_close_matches(name, candidates, n=1)
+    if component and not match:
+        keys = [f"'{prefix}{k}'" for k in others or [name]]
+        listed = keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
+        takes = f" (it takes {', '.join(sorted(candidates)) or 'no arguments'})" if len(candidates) <= 8 else ""
+        many = len(keys) > 1
+        return UserError(
+            f"{_of(source, key)}: unknown key{'s' * many} {listed}: {component} takes no such argument{'s' * many}"
+            f"{takes}; remove {'them' if many else 'it'} or fix the spelling"
+        )
     where = f" for {component}" if component else ""
     hint = f"; did you mean '{prefix}{match[0]}'?" if match else ""
     return UserError(f"{_of(source, key)}: unknown key '{key}'{where}{hint} (remove it or fix the spelling)")
