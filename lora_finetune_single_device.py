@@ -38,7 +38,6 @@ from lora_tools.checkpoints import model_checks, provenance
 from lora_tools.config.loader import Loaded
 from lora_tools.config.settings import RecipeSettings
 from lora_tools.data import batching
-from lora_tools.errors import UserError
 from lora_tools.eval import harness
 from lora_tools.eval.inference import PromptFormat, greedy, last_position_logits
 from lora_tools.export import hf_export, model_card
@@ -48,7 +47,7 @@ from lora_tools.train.decoder import Trunk
 from lora_tools.train.launch import recipe_main
 from lora_tools.train.model import prepare
 from lora_tools.train.parallel import OneDevice
-from lora_tools.train.steps import EarlyStopping, Steps
+from lora_tools.train.steps import EarlyStopping, Steps, steps_per_epoch
 from lora_tools.train.stopping import StopSignal
 
 log = utils.get_logger("INFO")
@@ -58,8 +57,9 @@ PLOT_FILE = "training_curves.png"
 class LoRAFinetuneRecipe(FTRecipeInterface):
     """LoRA on a frozen base model: only the low-rank adapters train; base weights stay bit-identical.
 
-    The loss of one optimizer step is the mean over every trained token of all its micro-batches (and of all
-    processes), so ``batch_size=b, gradient_accumulation_steps=2`` updates exactly as ``batch_size=2b`` does.
+    What a step minimizes is the config's objective (lora_tools.train.objectives): SFT's cross-entropy, or DPO's or
+    ORPO's loss on preference pairs. Either way it is a mean over every trained token (or pair) of all its
+    micro-batches and processes, so ``batch_size=b, gradient_accumulation_steps=2`` updates as ``batch_size=2b``.
     """
 
     def __init__(self, cfg: DictConfig, settings: RecipeSettings, strategy=None) -> None:
@@ -76,9 +76,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._wandb_run_id: str | None = None
         self.val_before: float | None = None  # held-out loss before training and after it
         self.val_after: float | None = None
-        self.val_metrics: dict[int, dict[str, float]] = {}  # preference runs: step -> held-out metrics
         self._last_val: tuple[int, float] | None = None  # (step, loss) of the latest validation
-        self.history: list[dict[str, float]] = []  # per step: loss, lr, val_loss (the plot's data)
+        self.history: list[dict[str, float]] = []  # per step: loss, lr, val_loss (+ preference metrics); the plot's
         self.eval_result: dict | None = None  # eval_tasks: base and finetuned scores, after training
         self.last_checkpoint: Path | None = None
         self.merged_model: Path | None = None  # written into the last checkpoint at the end of a finished run
@@ -101,15 +100,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._objective = objectives.build(c.objective, self._loss_fn)  # SFT with loss, or DPO / ORPO
         self._dataloader = self._setup_data(c.dataset)
         self._val_dataloader = self._setup_data(c.val_dataset, evaluation=True) if c.val_dataset else None
-        # One optimizer step consumes gradient_accumulation_steps batches.
-        self._steps_per_epoch = len(self._dataloader) // c.gradient_accumulation_steps
-        if c.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, c.max_steps_per_epoch)
-        if self._steps_per_epoch == 0:
-            raise UserError(
-                f"the dataset gives {len(self._dataloader)} batches of {c.batch_size}, fewer than one optimizer step "
-                f"({c.gradient_accumulation_steps} batches); lower batch_size or gradient_accumulation_steps"
-            )
+        self._steps_per_epoch = steps_per_epoch(len(self._dataloader), c)
         self._total_steps = c.epochs * self._steps_per_epoch
         accumulation, shown = c.gradient_accumulation_steps, self._strategy.is_main
         self._steps = Steps(self._dataloader, c.epochs, self._steps_per_epoch, accumulation, shown, *self._resume_at)
@@ -164,7 +155,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         self._early_stopping.best = state["best_val"]
         self._early_stopping.evals_without_improvement = state["evals_without_improvement"]
         self.history = state.get("history", [])
-        self.val_metrics = state.get("val_metrics", {})
         self.last_checkpoint = folder
         return state
 
@@ -329,7 +319,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         before, after = self.val_before, self.val_after
         loss_rows = [("before", before), ("after", after)] if before is not None and after is not None else None
         rows = self.eval_result["rows"] if self.eval_result else None
-        pairs = report.before_and_after(self.val_metrics, self.global_step)
+        pairs = report.before_and_after(self.history, self.global_step)
         model_card.run_card(c, self.last_checkpoint, None if pairs else loss_rows, rows, PLOT_FILE, pairs)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], prof) -> dict[str, float]:
@@ -342,7 +332,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             prof.step()
         sums = objectives.summed(sums, self._strategy)
         if self._strategy.world_size > 1:  # FSDP averages gradients over processes; each gave its share of the sum
-            training.scale_grads(self._model, self._strategy.world_size)
+            training.scale_grads(self._model, torch.tensor(float(self._strategy.world_size)))
         grad_norm = self._strategy.grad_norm(self.adapter_params.values(), self.cfg.clip_grad_norm)
         n = int(totals["tokens"])
         if n > 0:  # no trained token on any process: no update (weight decay and momentum would move)
@@ -392,9 +382,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             return None
         val = values.pop("loss")
         self._last_val = (self.global_step, val)
-        self.history.append({"step": self.global_step, "val_loss": val})
-        if self._objective.pairs:  # TRL's names; kept for the before/after table
-            self.val_metrics[self.global_step] = {**values, "loss": val}
+        self.history.append({"step": self.global_step, "val_loss": val, **values})  # with preference metrics
         logged = {f"eval/{k}": v for k, v in values.items()} if values else {"val_perplexity": math.exp(val)}
         self._metric_logger.log_dict({"val_loss": val, **logged}, step=self.global_step)
         return val
@@ -457,7 +445,6 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             "evals_without_improvement": self._early_stopping.evals_without_improvement,
             "wandb_run_id": self._wandb_run_id,
             "history": self.history,
-            "val_metrics": self.val_metrics,
         }
         if reference.wanted(self._objective):
             state["reference_logps"] = {name: built.dataset.reference for name, built in self._built.items()}
@@ -489,7 +476,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         vocab, adapter = self._model.tok_embeddings.num_embeddings, self.last_checkpoint / checkpoints.ADAPTER
         sft = not self._objective.pairs  # a preference run shows its held-out table, not losses to compare
         first, before, after = (self.first_step_loss, self.val_before, self.val_after) if sft else (None,) * 3
-        pairs = report.before_and_after(self.val_metrics, self.global_step)
+        pairs = report.before_and_after(self.history, self.global_step)
         text = report.summary(first, vocab, before, after, adapter, self.merged_model, pairs)
         if self.eval_result:
             text += "\n" + harness.table(self.eval_result["rows"])

@@ -44,8 +44,9 @@ def mean_loss(recipe, dataloader) -> float:
     with torch.no_grad():
         for batch in dataloader:
             utils.batch_to_device(batch, recipe._device)
-            loss_sum, n_tokens = recipe._loss(batch)
-            total, n = total + loss_sum.double().item(), n + int(n_tokens)
+            counts = recipe._objective.counts(batch)
+            _, sums = recipe._objective(recipe._parts, batch, counts)
+            total, n = total + sums["loss"].double().item(), n + int(counts["tokens"])
     return total / n
 
 

@@ -58,8 +58,10 @@ def summary(
     return "\n".join(lines)
 
 
-def before_and_after(val_metrics: dict[int, dict], step: int) -> list[tuple[str, dict]] | None:
-    """Held-out preference metrics at step 0 and at ``step`` (both scored), for the summary and the model card."""
-    if 0 not in val_metrics or step not in val_metrics:
+def before_and_after(history: list[dict], step: int) -> list[tuple[str, dict]] | None:
+    """A preference run's held-out metrics at step 0 and at ``step`` (its validations kept them in the history),
+    with the loss as "loss", for the summary and the model card; None unless both were scored."""
+    scored = {h["step"]: {**h, "loss": h["val_loss"]} for h in history if "preference_accuracy" in h}
+    if 0 not in scored or step not in scored:
         return None
-    return [("before", val_metrics[0]), ("after", val_metrics[step])]
+    return [("before", scored[0]), ("after", scored[step])]

@@ -7,9 +7,24 @@ from typing import Any
 
 from torchtune import utils
 
+from lora_tools.errors import UserError
 from lora_tools.train.report import progress_bar
 
 log = utils.get_logger("INFO")
+
+
+def steps_per_epoch(batches: int, cfg) -> int:
+    """Optimizer steps in an epoch of ``batches`` micro-batches: gradient_accumulation_steps each, at most
+    max_steps_per_epoch; none is one line."""
+    steps = batches // cfg.gradient_accumulation_steps
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise UserError(
+            f"the dataset gives {batches} batches of {cfg.batch_size}, fewer than one optimizer step "
+            f"({cfg.gradient_accumulation_steps} batches); lower batch_size or gradient_accumulation_steps"
+        )
+    return steps
 
 
 class Steps:

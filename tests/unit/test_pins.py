@@ -4,7 +4,7 @@ the environment that runs them.
 - the recipes, wb.py, lora_tools/ and bench/ run in .venv: requirements.txt, or requirements-gguf.txt for
   llama.cpp's quantizer (an optional install: it compiles llama.cpp);
 - tests/ run in .venv with the test tools: those, or requirements-test.txt;
-- tests/hf_logits.py, tests/hf_chat_template.py, tests/hf_generate.py and bench/trl_sft.py run only in .venv-hf.
+- tests/hf_*.py (transformers, peft, TRL) and bench/trl_sft.py run only in .venv-hf.
 
 The files are found when the test runs, so modules added later are checked too.
 """
@@ -19,7 +19,14 @@ from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-HF_ONLY = {"tests/hf_logits.py", "tests/hf_chat_template.py", "tests/hf_generate.py", "bench/trl_sft.py"}
+HF_ONLY = {
+    "tests/hf_logits.py",
+    "tests/hf_chat_template.py",
+    "tests/hf_generate.py",
+    "tests/hf_preference_loss.py",
+    "tests/hf_preference_tokens.py",
+    "bench/trl_sft.py",
+}
 HF_PYTHON = REPO / ".venv-hf" / "bin" / "python"
 ALLOWED = {
     "runtime": ["requirements.txt", "requirements-gguf.txt"],
