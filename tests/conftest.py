@@ -161,6 +161,29 @@ def tune_run(out: Path, *overrides, env=None, wait=True, nproc: int | None = Non
     return proc
 
 
+def recipe_in_process(monkeypatch, capfd, *args, env=None) -> subprocess.CompletedProcess:
+    """The single-device recipe in this process, through the entry point `tune run` calls (its ``main()`` with
+    sys.argv as `tune run` sets it): exit status and output as ``tune("run", ...)`` returns them, without its
+    ~10 s of imports. ``env`` sets variables (None unsets one) as the command's environment would; os.environ is
+    put back afterwards (the recipe's .env loading writes it)."""
+    import lora_finetune_single_device
+
+    wanted = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
+    for key, value in wanted.items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    argv = ["lora_finetune_single_device.py", *map(str, args)]
+    monkeypatch.setattr(sys, "argv", argv)
+    saved = dict(os.environ)
+    capfd.readouterr()  # only the run's own output counts
+    try:
+        status = lora_finetune_single_device.main()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(["tune", "run", *argv], status, captured.out, captured.err)
+
+
 def per_step(out: Path, filename: str, key: str) -> dict[int, float]:
     """One logged metric by step, for the steps that logged it."""
     return {step: m[key] for step, m in logged_metrics(out, filename).items() if key in m}
