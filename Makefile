@@ -31,10 +31,12 @@ $(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	@touch $@
 
-# llama.cpp's quantizer for GGUF export (compiles llama.cpp the first time: a few minutes).
+# llama.cpp's quantizer for GGUF export (compiles llama.cpp the first time: a few minutes; without the
+# multimodal library, which the project does not use).
 gguf-install: $(VENV)/.gguf-installed
 $(VENV)/.gguf-installed: requirements-gguf.txt $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-gguf.txt
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-r requirements-gguf.txt
 	@touch $@
 
 # transformers + peft in their own environment: peft 0.21 refuses to import beside torchtune's torchao 0.14.
@@ -60,8 +62,10 @@ demo-dpo: install assets
 	@test -f $(CHAT_MODEL) || $(MAKE) demo-chat
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_dpo.yaml
 
-# Two test processes, each file on one, one thread each (two processes of two threads would fight for 2 cores).
-test: test-install gguf-install hf-install assets
+# The installs first, side by side (llama.cpp compiles while pip fetches .venv-hf); then two test processes, each
+# file on one, one thread each (two processes of two threads would fight for 2 cores).
+test:
+	@$(MAKE) --no-print-directory -j3 test-install gguf-install hf-install assets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 unit: test-install assets

@@ -98,6 +98,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if c.compile:
             self._loss_fn = training.compile_loss(self._loss_fn)
         self._objective = objectives.build(c.objective, self._loss_fn)  # SFT with loss, or DPO / ORPO
+        reference.check_start(self._objective, c.start_adapter)
+        start = c.start_adapter and not resume and model_checks.starting_adapter(c.start_adapter, c.model)
         self._dataloader = self._setup_data(c.dataset)
         self._val_dataloader = self._setup_data(c.val_dataset, evaluation=True) if c.val_dataset else None
         self._steps_per_epoch = steps_per_epoch(len(self._dataloader), c)
@@ -112,7 +114,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             config.log_config(recipe_name="LoRAFinetuneRecipe", cfg=self._cfg)
         self._checkpointer = config.instantiate(c.checkpointer)
         base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        self._model = self._setup_model(base, resume["adapter"] if resume else None)
+        self._model = self._setup_model(base, resume["adapter"] if resume else start or None)
         del base  # the weights now live in the model
         if reference.wanted(self._objective):  # DPO's reference log-probs: computed now, at step 0, or resumed
             scored = (self._objective, self._parts, c.batch_size, c.collate_fn, self._tokenizer.pad_id)
@@ -183,8 +185,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         # DoRA from the parameters themselves (a builder may enable it without a use_dora key)
         dora = any(k.endswith("magnitude") for k in self._adapter_keys)
         self._adapter_spec = dataclasses.replace(hf_export.AdapterSpec.from_model_config(c.model), dora=dora)
-        resuming = adapter is not None
-        if not resuming:  # drawn from the seed alone (see lora_tools.train.adapter_init), loaded like a resumed one
+        given = adapter is not None  # resumed, or another run's (start_adapter)
+        if not given:  # drawn from the seed alone (see lora_tools.train.adapter_init), loaded like a given one
             adapter = initial_adapter_weights(get_adapter_params(model), self.seed)
 
         if c.activation_checkpointing_layers and not c.enable_activation_checkpointing:
@@ -201,7 +203,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         loaded = [*self._strategy.load(model, base), *self._strategy.load(model, adapter)]
         validate_missing_and_unexpected_for_lora(list(spec.attn_modules), spec.mlp, spec.output, *loaded)
         self.adapter_params = get_adapter_params(model)  # after loading: sharding and loading replace parameters
-        if spec.dora and not resuming:  # DoRA magnitudes start from the base weights
+        if spec.dora and not given:  # DoRA magnitudes start from the base weights
             for m in model.modules():
                 if hasattr(m, "initialize_dora_magnitude"):
                     m.initialize_dora_magnitude()
@@ -462,10 +464,8 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if self._strategy.is_main:
             adapter = checkpoints.load_recipe_state(self.last_checkpoint)["adapter"]
             base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-            base_dir = Path(self.cfg.checkpointer.checkpoint_dir)
-            self.merged_model = hf_export.write_merged_model(
-                self.last_checkpoint, base, adapter, self._adapter_spec, base_dir
-            )
+            spec, base_dir = self._adapter_spec, Path(self.cfg.checkpointer.checkpoint_dir)
+            self.merged_model = hf_export.write_merged_model(self.last_checkpoint, base, adapter, spec, base_dir)
         self._strategy.barrier()
 
     def cleanup(self) -> None:

@@ -583,6 +583,18 @@ CASES = [
         config=DPO_CFG,
     ),
     Case(
+        "start-adapter-missing",
+        ("/nowhere is neither a checkpoint folder", "a finished run's output_dir"),
+        (*ON_TINY, "start_adapter={tmp}/nowhere", "objective.precompute_reference=True"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "start-adapter-dpo-without-precompute",
+        ("start_adapter with DPO needs objective.precompute_reference=True", "the bare base"),
+        (*ON_TINY, "start_adapter={tmp}/nowhere"),
+        config=DPO_CFG,
+    ),
+    Case(
         "pairs-in-a-list",
         ("dataset: a preference dataset must be the only one in its section",),
         config="{tmp}/two.yaml",

@@ -38,9 +38,9 @@ SHORT = [
 # --- outputs load everywhere ------------------------------------------------------------------------------------
 
 
-def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path):
+def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path, run_in_process):
     out = tmp_path / "out"
-    run = tune_run(out, "max_steps_per_epoch=30")
+    run = run_in_process(out, "max_steps_per_epoch=30")
     assert run.returncode == 0, run.stderr_text[-3000:]
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "step_0000030"
@@ -133,15 +133,15 @@ def test_sigterm_saves_adapter_and_resume_state_first_and_the_resumed_wandb_run_
     assert max(first_steps) == last_step and sorted(second_steps) == list(range(last_step + 1, 41))
 
 
-def test_latest_pointer_lost_resumes_this_runs_newest_checkpoint(tmp_path):
+def test_latest_pointer_lost_resumes_this_runs_newest_checkpoint(tmp_path, run_in_process):
     """A run to step 20, then a fresh run to step 8 in the same output_dir: with ``latest`` deleted, resume
     takes step 8 (this run's), not the earlier run's step 20."""
     out = tmp_path / "out"
     common = [*SHORT, "max_steps_per_epoch=null", "save_every_n_steps=4", "val_dataset=null", "sample_prompts=[]"]
-    first = tune_run(out, *common, "metric_logger.filename=log_first.txt")
+    first = run_in_process(out, *common, "metric_logger.filename=log_first.txt")
     assert first.returncode == 0, first.stderr_text[-3000:]
     assert pointer(out) == "step_0000020"
-    fresh = tune_run(out, *common, "epochs=1", "max_steps_per_epoch=8", "metric_logger.filename=log_fresh.txt")
+    fresh = run_in_process(out, *common, "epochs=1", "max_steps_per_epoch=8", "metric_logger.filename=log_fresh.txt")
     assert fresh.returncode == 0, fresh.stderr_text[-3000:]
     (aside,) = out.glob("checkpoints-before-*")  # the earlier run's checkpoints, kept, out of the way
     assert (aside / "step_0000020" / "recipe_state.pt").is_file()
@@ -149,12 +149,12 @@ def test_latest_pointer_lost_resumes_this_runs_newest_checkpoint(tmp_path):
     assert latest_checkpoint(out).name == "step_0000008"
     # The fresh run ended its one epoch at step 8; a second epoch continues from there (a longer schedule).
     again = ["max_steps_per_epoch=8", "allow_schedule_change=True", "resume_from_checkpoint=True"]
-    resumed = tune_run(out, *common, *again, "metric_logger.filename=log_resumed.txt")
+    resumed = run_in_process(out, *common, *again, "metric_logger.filename=log_resumed.txt")
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
     assert sorted(losses(out, "log_resumed.txt")) == list(range(9, 17))
 
 
-def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, run_in_process):
     out = tmp_path / "out"
     common = ["--config", "configs/tiny.yaml", f"output_dir={out}", *SHORT, "max_steps_per_epoch=null"]
     common += ["save_every_n_steps=3"]
@@ -166,26 +166,26 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert partial.is_dir() and len([p for p in partial.rglob("*") if p.is_file()]) == 1  # killed after 1 file
     assert not (out / "checkpoints" / "step_0000006").exists()
 
-    resumed = tune_run(out, *common[3:], "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt")
+    resumed = run_in_process(out, *common[3:], "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt")
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
     assert sorted(losses(out, "log_resumed.txt")) == list(range(4, 21))
     assert pointer(out) == "step_0000020"
     assert not partial.exists()
 
 
-def test_keep_last_n_rotates_old_checkpoints(tmp_path):
+def test_keep_last_n_rotates_old_checkpoints(tmp_path, run_in_process):
     out = tmp_path / "out"
-    run = tune_run(out, *SHORT, "max_steps_per_epoch=null", "save_every_n_steps=3", "keep_last_n=2")
+    run = run_in_process(out, *SHORT, "max_steps_per_epoch=null", "save_every_n_steps=3", "keep_last_n=2")
     assert run.returncode == 0, run.stderr_text[-3000:]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["latest", "step_0000018", "step_0000020"]
 
 
-def test_resume_with_a_different_batch_size_is_refused_in_one_line(tmp_path):
+def test_resume_with_a_different_batch_size_is_refused_in_one_line(tmp_path, run_in_process):
     out = tmp_path / "out"
-    first = tune_run(out, "max_steps_per_epoch=3", "run_val_every_n_steps=null", "~sample_prompts")
+    first = run_in_process(out, "max_steps_per_epoch=3", "run_val_every_n_steps=null", "~sample_prompts")
     assert first.returncode == 0, first.stderr_text[-3000:]
-    resumed = tune_run(out, "max_steps_per_epoch=6", "resume_from_checkpoint=True", "batch_size=4")
+    resumed = run_in_process(out, "max_steps_per_epoch=6", "resume_from_checkpoint=True", "batch_size=4")
     assert resumed.returncode == 2, resumed.stderr_text[-3000:]
     assert "Traceback" not in resumed.stdout_text + resumed.stderr_text
     assert "error: batch_size is 4 but the checkpoint" in resumed.stderr_text

@@ -26,6 +26,7 @@ from conftest import (
 
 from lora_tools.config import settings
 from lora_tools.config.loader import load_config
+from lora_tools.data import batching
 from lora_tools.train import objectives
 
 DPO_CONFIG = "configs/tiny_dpo.yaml"
@@ -147,6 +148,25 @@ def test_the_dpo_demo_moves_the_held_out_preferences(dpo_demo):
         assert f"sample at step {step} | 'What color is the lemon?' ->" in result.stdout + result.stderr
     card = (latest_checkpoint(out) / "adapter" / "README.md").read_text()
     assert "## Held-out preference pairs" in card and "| before |" in card and "| DPO (" in card
+    # docs/preference.md shows this run's table and samples: percentages as printed, numbers within 5%
+    doc = (REPO / "docs/preference.md").read_text()
+    shown = doc[doc.index("<!-- demo numbers") :].split("```")[1].strip().splitlines()
+    for printed, documented in zip(table[2:4], shown[2:4], strict=True):
+        ours, theirs = printed.split(" | "), documented.split(" | ")
+        assert ours[:2] == theirs[:2] and ours[3] == theirs[3], (printed, documented)
+        for x, y in zip(ours[2:], theirs[2:], strict=True):
+            if not x.endswith("%"):
+                assert float(x) == pytest.approx(float(y), rel=0.05, abs=1e-3), (printed, documented)
+    samples = [line for line in shown if line.startswith("sample at step")]
+    assert len(samples) == 4
+    for line in samples:  # the form of each answer: the chosen one after training, the fragment before
+        step, answer = int(line.split()[3]), line.split(" -> ")[1]
+        printed = next(x for x in (result.stdout + result.stderr).splitlines() if x.startswith(line.split(" -> ")[0]))
+        assert (
+            printed.split(" -> ")[1].startswith("'The color of the")
+            == (step == last)
+            == answer.startswith("'The color of the")
+        ), (printed, line)
 
 
 def test_the_dpo_adapter_and_merged_model_load_in_transformers_and_agree(dpo_demo, tmp_path):
@@ -202,6 +222,34 @@ def test_the_dpo_run_exports_a_gguf_that_llama_cpp_runs_as_transformers_does(dpo
         ours = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
         worst = max(worst, float(np.abs(ours - np.array(logits)).max() / np.abs(np.array(logits)).max()))
     assert worst <= F16_BOUND, worst
+
+
+def test_dpo_from_the_sft_adapter_uses_base_plus_that_adapter_as_its_reference(chat_demo):
+    """Way 2 of docs/preference.md: the SFT run's adapter as the starting adapter on the original base. The run
+    starts from that adapter exactly, and its precomputed reference log-probs are those of way 1 (the SFT run's
+    merged model as the base), not the bare base's."""
+    from torchtune.modules.peft import disable_adapter
+
+    from lora_tools.checkpoints import load_recipe_state
+    from lora_tools.train import reference
+
+    chat_out, _, _ = chat_demo
+    sft = chat_out / "checkpoints" / CHAT_STEP
+    on = ["objective.precompute_reference=True"]
+    started = recipe_on_the_base(chat_out / "way2", *on, f"start_adapter={sft}")
+    sft_adapter = load_recipe_state(sft)["adapter"]
+    for key, value in sft_adapter.items():
+        assert torch.equal(started._model.state_dict()[key], value), key
+    ref_way2 = started._built["dataset"].dataset.reference
+    built, c = started._built["dataset"], started.cfg
+    collate = batching.collate_for(built, c.collate_fn, started._tokenizer.pad_id, built.ignore_index)
+    with disable_adapter(started._model):
+        bare = reference.precompute(started._objective, started._parts, built, 8, collate, started._strategy, "cpu")
+    merged = recipe_on_the_base(chat_out / "way1", *on, f"checkpointer.checkpoint_dir={sft / 'model'}")
+    ref_way1 = merged._built["dataset"].dataset.reference
+    scale = ref_way1.abs().max().item()
+    assert (ref_way2 - ref_way1).abs().max().item() <= 1e-5 * scale
+    assert (ref_way2 - bare).abs().max().item() > 100 * 1e-5 * scale  # the SFT adapter moved them
 
 
 # --- exact resume ------------------------------------------------------------------------------------------------

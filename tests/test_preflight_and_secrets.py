@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TORCHAO_NOTICE, logged_metrics, offline_env, tune
+from conftest import REPO, TORCHAO_NOTICE, logged_metrics, offline_env, recipe_in_process
 from fake_hub import FakeHub
 from wandb_records import history
 
@@ -33,26 +33,32 @@ def assert_fails_in_one_line(result, out: Path, *needles, status=2):
     assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
 
 
-def run_tiny(tmp_path, *overrides, env=None, config="configs/tiny.yaml"):
-    out = tmp_path / "out"
-    result = tune("run", "lora_finetune_single_device.py", "--config", config, f"output_dir={out}", *overrides, env=env)
-    return result, out
+@pytest.fixture
+def run_tiny(tmp_path, monkeypatch, capfd):
+    """The recipe on a config of the tiny model, through the entry point `tune run` calls, in this process
+    (conftest.recipe_in_process; tests/test_bad_inputs.py runs three cases through the real `tune run` too).
+    ``env``: variables to set, None to unset. Returns (result, output_dir)."""
+
+    def run(*overrides, env=None, config="configs/tiny.yaml"):
+        out = tmp_path / "out"
+        args = ["--config", config, f"output_dir={out}", *overrides]
+        return recipe_in_process(monkeypatch, capfd, *args, env=env), out
+
+    return run
 
 
-# --- preflight: each case through the real `tune run` ---------------------------------------------------------
+# --- preflight: each case through the recipe's `tune run` entry point -------------------------------------------
 
 
-def test_missing_checkpoint_prints_download_command_fast(tmp_path):
+def test_missing_checkpoint_prints_download_command_fast(run_tiny):
     start = time.monotonic()
     result, out = run_tiny(
-        tmp_path,
         "device=cpu",
         "dtype=fp32",
         "compile=False",
         "enable_activation_offloading=False",
         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
         config="lora_finetune_single_device.yaml",
-        env=offline_env(),
     )
     elapsed = time.monotonic() - start
     expected = "python -m lora_tools.download meta-llama/Llama-3.2-3B-Instruct --output-dir ckpts/Llama-3.2-3B-Instruct"
@@ -71,46 +77,44 @@ def test_missing_checkpoint_prints_download_command_fast(tmp_path):
     ],
     ids=["checkpoint-file", "tokenizer", "cuda", "offloading", "dataset-file"],
 )
-def test_preflight_case(tmp_path, overrides, needles):
-    result, out = run_tiny(tmp_path, *overrides)
+def test_preflight_case(run_tiny, overrides, needles):
+    result, out = run_tiny(*overrides)
     assert_fails_in_one_line(result, out, *needles)
 
 
-def test_unparseable_dataset_file(tmp_path):
+def test_unparseable_dataset_file(tmp_path, run_tiny):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "input": "", "output": "b"},\n{not json\n')
-    result, out = run_tiny(tmp_path, f"dataset.data_files={bad}")
+    result, out = run_tiny(f"dataset.data_files={bad}")
     assert_fails_in_one_line(result, out, str(bad), "not valid JSON")
 
 
-def test_bad_json_lines_row_names_its_line(tmp_path):
+def test_bad_json_lines_row_names_its_line(tmp_path, run_tiny):
     bad = tmp_path / "rows.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "input": ""\n')
-    result, out = run_tiny(tmp_path, f"dataset.data_files={bad}")
+    result, out = run_tiny(f"dataset.data_files={bad}")
     assert_fails_in_one_line(result, out, str(bad), "not valid JSON (line 2")
 
 
-def test_dataset_row_missing_a_field(tmp_path):
+def test_dataset_row_missing_a_field(tmp_path, run_tiny):
     bad = tmp_path / "rows.json"
     rows = [{"instruction": "a", "input": "", "output": "b"}] * 2 + [{"instruction": "c", "input": ""}]
     bad.write_text(__import__("json").dumps(rows))
-    result, out = run_tiny(tmp_path, f"dataset.data_files={bad}")
+    result, out = run_tiny(f"dataset.data_files={bad}")
     assert_fails_in_one_line(result, out, str(bad), "row 3", "'output'")
 
 
-def test_wandb_without_credentials(tmp_path):
-    env = offline_env(HOME=str(tmp_path))  # no ~/.netrc from an earlier `wandb login`
-    env.pop("WANDB_MODE")
-    env.pop("WANDB_API_KEY", None)
-    result, out = run_tiny(tmp_path, "metric_logger._component_=torchtune.training.metric_logging.WandBLogger", env=env)
+def test_wandb_without_credentials(tmp_path, run_tiny):
+    env = {"HOME": str(tmp_path), "WANDB_MODE": None, "WANDB_API_KEY": None}  # no ~/.netrc from a `wandb login`
+    result, out = run_tiny("metric_logger._component_=torchtune.training.metric_logging.WandBLogger", env=env)
     assert_fails_in_one_line(result, out, "WANDB_API_KEY", "python wb.py", "WANDB_MODE=offline")
 
 
-def test_output_dir_not_writable(tmp_path):
+def test_output_dir_not_writable(tmp_path, monkeypatch, capfd):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = blocker / "out"
-    result = tune("run", "lora_finetune_single_device.py", "--config", "configs/tiny.yaml", f"output_dir={out}")
+    result = recipe_in_process(monkeypatch, capfd, "--config", "configs/tiny.yaml", f"output_dir={out}")
     assert_fails_in_one_line(result, out, "output_dir", "is a file")
 
 
@@ -127,8 +131,8 @@ def test_not_enough_disk(tmp_path):
     assert_fails_in_one_line(result, out, "not enough disk", "save_adapter_weights_only=True")
 
 
-def test_compile_without_a_compiler(tmp_path):
-    result, out = run_tiny(tmp_path, "compile=True", env=offline_env(PATH=str(tmp_path / "empty-bin")))
+def test_compile_without_a_compiler(tmp_path, run_tiny):
+    result, out = run_tiny("compile=True", env={"PATH": str(tmp_path / "empty-bin")})
     assert_fails_in_one_line(result, out, "compile", "C++ compiler")
 
 

@@ -1,5 +1,5 @@
 """Shape checks that run before any weights are read: the config's model builder against the base checkpoint,
-and, when resuming, against the checkpointed adapter.
+and, when resuming or starting from another run's adapter (``start_adapter``), against that adapter.
 
 The model is built on the ``meta`` device (shapes only, no memory, about a second even for 3B), so a mismatch
 costs a second and one line instead of loading gigabytes and then printing dozens of "size mismatch" lines.
@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from torchtune.modules.peft import get_adapter_params
 
+from lora_tools import checkpoints
 from lora_tools.errors import UserError
 from lora_tools.train.model import meta_model
 
@@ -44,8 +45,13 @@ def check_builder_matches_checkpoint(cfg_model: DictConfig, checkpoint_dir: Path
         )
 
 
-def check_adapter_matches(cfg_model: DictConfig, adapter: dict[str, torch.Tensor], folder: Path) -> None:
-    """Resuming: this config's LoRA settings must make the adapter the checkpoint holds."""
+def check_adapter_matches(
+    cfg_model: DictConfig,
+    adapter: dict[str, torch.Tensor],
+    folder: Path,
+    fix: str = "resume with the model settings it was trained with, or start a new output_dir",
+) -> None:
+    """This config's LoRA settings must make the adapter the checkpoint holds."""
     expected = {k: tuple(p.shape) for k, p in get_adapter_params(meta_model(cfg_model)).items()}
     saved = {k: tuple(v.shape) for k, v in adapter.items()}
     if expected == saved:
@@ -59,6 +65,27 @@ def check_adapter_matches(cfg_model: DictConfig, adapter: dict[str, torch.Tensor
         detail = f"the checkpoint has {only_saved[0]}" if only_saved else f"the checkpoint lacks {only_new[0]}"
     raise UserError(
         f"the model's LoRA settings (lora_rank, lora_attn_modules, apply_lora_to_mlp/output, use_dora) differ from "
-        f"the checkpoint in {folder}: {detail}; resume with the model settings it was trained with, or start a new "
-        "output_dir"
+        f"the checkpoint in {folder}: {detail}; {fix}"
     )
+
+
+def starting_adapter(path: str, cfg_model: DictConfig) -> dict[str, torch.Tensor]:
+    """``start_adapter``: the adapter of another run (an SFT run's, say) to train on from, in torchtune's keys.
+    ``path`` is that run's output_dir (its newest checkpoint) or one of its checkpoints/step_N folders."""
+    given = Path(path)
+    folder = given if checkpoints.is_complete(given) else checkpoints.latest_checkpoint(given)
+    if folder is None:
+        raise UserError(
+            f"start_adapter: {path} is neither a checkpoint folder (with {checkpoints.RECIPE_STATE}) nor an "
+            "output_dir holding one; point it at a finished run's output_dir or its checkpoints/step_N"
+        )
+    adapter = checkpoints.load_recipe_state(folder)["adapter"]
+    fix = "set lora_rank, lora_alpha and the targets as that run had them (its provenance.json holds its config)"
+    check_adapter_matches(cfg_model, adapter, folder, fix)
+    saved = json.loads((folder / checkpoints.PROVENANCE).read_text())["config"]["model"]
+    if saved.get("lora_alpha") != cfg_model.get("lora_alpha"):  # the shapes agree, the scale would not
+        raise UserError(
+            f"start_adapter: model.lora_alpha is {cfg_model.get('lora_alpha')} here but {saved.get('lora_alpha')} "
+            f"in the run that trained {folder}; {fix}"
+        )
+    return adapter

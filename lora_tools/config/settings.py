@@ -150,6 +150,9 @@ class RecipeSettings:
     seed: int | None = setting("seed for the adapter's init and the data order; null: random", None, rule=SEED_RANGE)
     shuffle: bool = setting("shuffle the training data each epoch", True)
     resume_from_checkpoint: bool = setting("continue from the newest checkpoint in output_dir", False)
+    start_adapter: str | None = setting(
+        "train on from another run's adapter (its output_dir or a checkpoints/step_N), e.g. SFT's; null: fresh", None
+    )
     allow_schedule_change: bool = setting(
         "resume even when epochs/max_steps_per_epoch change the LR schedule's length", False
     )

@@ -22,6 +22,16 @@ def wanted(objective) -> bool:
     return bool(getattr(objective, "precompute_reference", False))
 
 
+def check_start(objective, start_adapter: str | None) -> None:
+    """DPO from a starting adapter needs the reference precomputed: with the adapters switched off, the reference
+    would be the bare base, not the model as training starts."""
+    if start_adapter and getattr(objective, "requires_reference", False) and not wanted(objective):
+        raise UserError(
+            "start_adapter with DPO needs objective.precompute_reference=True, so that the reference is the base "
+            "with that adapter (switching the adapter off would leave the bare base); add it to the objective"
+        )
+
+
 def saved(state: dict, folder, names: list[str]) -> dict[str, torch.Tensor]:
     """The reference log-probs a resumed checkpoint holds for each dataset; a run saved without them cannot get
     them back (the model has trained since), so that is one line."""
