@@ -235,36 +235,59 @@ DEMO_STEPS, DEMO_VAL_EVERY = _DEMO.max_steps_per_epoch, _DEMO.run_val_every_n_st
 DEMO_STEP_DIR = f"step_{DEMO_STEPS:07d}"
 
 
-def _shared_run(tmp_path_factory, name: str, *args) -> tuple[Path, subprocess.CompletedProcess, float]:
-    """A `tune run` made once for the whole test session: under pytest-xdist (make test runs 2 processes) the first
-    process that needs it runs it while the other waits on a file lock, then reads its record."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the processes' common folder
-    folder, record = root / name, root / name / "record.json"
+# The demo runs that several test files read, each made once per session through the real `tune run`. They start
+# in the background as soon as the session knows it needs them (pytest_collection_finish), so that no test process
+# sits waiting while another makes them.
+SHARED_RUNS = {
+    "demo": ("--config", "configs/tiny.yaml", DEMO_EVAL),
+    "chat_demo": ("--config", "configs/tiny_chat.yaml"),
+}
+
+
+def _shared_root(basetemp: Path) -> Path:
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # the processes' common folder
+
+
+def _start_shared_run(root: Path, name: str) -> Path:
+    """Start the run in the background unless a test process already has; its record file, once it exists, holds
+    the result (tests/shared_run.py writes it)."""
+    folder = root / name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not record.exists():
-            folder.mkdir(exist_ok=True)
-            start = time.monotonic()
-            result = tune("run", "lora_finetune_single_device.py", *args, f"output_dir={folder / 'out'}")
-            fields = {"args": result.args, "returncode": result.returncode, "stdout": result.stdout}
-            fields.update(stderr=result.stderr, seconds=time.monotonic() - start)
-            record.write_text(json.dumps(fields))
+        if not folder.exists():
+            folder.mkdir()
+            args = [sys.executable, REPO / "tests" / "shared_run.py", folder, *SHARED_RUNS[name]]
+            with open(folder / "runner.log", "w") as log:
+                subprocess.Popen(args, cwd=REPO, env=offline_env(), stdout=log, stderr=log, start_new_session=True)
+    return folder / "record.json"
+
+
+def pytest_collection_finish(session):
+    needed = {name for name in SHARED_RUNS if any(name in item.fixturenames for item in session.items)}
+    if needed and not session.config.option.collectonly:
+        root = _shared_root(session.config._tmp_path_factory.getbasetemp())
+        for name in sorted(needed):
+            _start_shared_run(root, name)
+
+
+def _shared_run(tmp_path_factory, name: str) -> tuple[Path, subprocess.CompletedProcess, float]:
+    """The background run's result, once it has finished: (output_dir, result, seconds)."""
+    record = _start_shared_run(_shared_root(tmp_path_factory.getbasetemp()), name)
+    wait_for(record.exists, timeout=1800)
     fields = json.loads(record.read_text())
     seconds = fields.pop("seconds")
     result = subprocess.CompletedProcess(**fields)
     assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "out", result, seconds
+    return record.parent / "out", result, seconds
 
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """`make demo` once per session, through the real `tune run`: (output_dir, result, seconds)."""
-    return _shared_run(tmp_path_factory, "demo", "--config", "configs/tiny.yaml", DEMO_EVAL)
+    return _shared_run(tmp_path_factory, "demo")
 
 
 @pytest.fixture(scope="session")
 def chat_demo(tmp_path_factory):
     """`make demo-chat` once per session, through the real `tune run`: (output_dir, result, seconds)."""
-    return _shared_run(tmp_path_factory, "chat_demo", "--config", "configs/tiny_chat.yaml")
+    return _shared_run(tmp_path_factory, "chat_demo")

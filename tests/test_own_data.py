@@ -309,18 +309,19 @@ def _run_recipe(config: str, overrides: list[str]):
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_each_format_trains_the_tiny_model(name, tmp_path, caplog):
-    """A file the test writes, 60 steps: the loss falls. The start-up log holds the data summary."""
+    """A file the test writes, 25 steps: the loss falls by a fifth. The start-up log holds the data summary."""
     suffix, rows, overrides = FORMATS[name]
     path = write_format(tmp_path, suffix, rows())
     out = tmp_path / "out"
     args = [
         f"output_dir={out}", *overrides, f"dataset.source={path}", "val_dataset=null", "sample_prompts=[]",
-        "max_steps_per_epoch=60", "batch_size=4", "lr_scheduler.num_warmup_steps=5",
+        "max_steps_per_epoch=25", "batch_size=4", "lr_scheduler.num_warmup_steps=5",
         "save_adapter_weights_only=True", "tokenizer.max_seq_len=256",
     ]  # fmt: skip
     assert _run_recipe(CHAT_CONFIG, args) == 0
     losses = [m["loss"] for _, m in sorted(logged_metrics(out).items()) if "loss" in m]
-    assert len(losses) == 60
+    assert len(losses) == 25
+    print(f"{name}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f} (mean of the last 5)")
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
     assert f"dataset: {len(rows())} samples" in caplog.text
 
