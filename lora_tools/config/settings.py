@@ -151,7 +151,7 @@ class RecipeSettings:
     shuffle: bool = setting("shuffle the training data each epoch", True)
     resume_from_checkpoint: bool = setting("continue from the newest checkpoint in output_dir", False)
     start_adapter: str | None = setting(
-        "train on from another run's adapter (its output_dir or a checkpoints/step_N), e.g. SFT's; null: fresh", None
+        "train on from another run's adapter (its output_dir or a checkpoints/step_N); null: a fresh one", None
     )
     allow_schedule_change: bool = setting(
         "resume even when epochs/max_steps_per_epoch change the LR schedule's length", False
