@@ -764,6 +764,18 @@ CASES = [
         prepare=lambda tmp, monkeypatch: train_one_step(tmp / "out"),
     ),
     Case(
+        "start-adapter-with-another-lora-rank",  # an SFT run's adapter, rank 16; this config asks for rank 8
+        ("(16, 256) in the checkpoint but (8, 256)", "set lora_rank, lora_alpha and the targets as that run had them"),
+        ("start_adapter={tmp}/sft", "model.lora_rank=8", "model.lora_alpha=16"),
+        prepare=lambda tmp, monkeypatch: train_one_step(tmp / "sft"),
+    ),
+    Case(
+        "start-adapter-with-another-lora-alpha",  # the same shapes, another scale
+        ("start_adapter: model.lora_alpha is 64 here but 32 in the run that trained",),
+        ("start_adapter={tmp}/sft", "model.lora_alpha=64"),
+        prepare=lambda tmp, monkeypatch: train_one_step(tmp / "sft"),
+    ),
+    Case(
         "resume-with-another-schedule-length",
         ("learning-rate schedule", "allow_schedule_change=True"),
         ("epochs=3", "max_steps_per_epoch=1", "resume_from_checkpoint=True"),

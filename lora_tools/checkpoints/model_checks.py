@@ -82,8 +82,9 @@ def starting_adapter(path: str, cfg_model: DictConfig) -> dict[str, torch.Tensor
     adapter = checkpoints.load_recipe_state(folder)["adapter"]
     fix = "set lora_rank, lora_alpha and the targets as that run had them (its provenance.json holds its config)"
     check_adapter_matches(cfg_model, adapter, folder, fix)
-    saved = json.loads((folder / checkpoints.PROVENANCE).read_text())["config"]["model"]
-    if saved.get("lora_alpha") != cfg_model.get("lora_alpha"):  # the shapes agree, the scale would not
+    record = folder / checkpoints.PROVENANCE  # written with every checkpoint; absent if copied without it
+    saved = json.loads(record.read_text()).get("config", {}).get("model", {}) if record.is_file() else {}
+    if saved.get("lora_alpha", cfg_model.get("lora_alpha")) != cfg_model.get("lora_alpha"):  # shapes can't tell
         raise UserError(
             f"start_adapter: model.lora_alpha is {cfg_model.get('lora_alpha')} here but {saved.get('lora_alpha')} "
             f"in the run that trained {folder}; {fix}"
