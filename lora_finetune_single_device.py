@@ -99,7 +99,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             self._loss_fn = training.compile_loss(self._loss_fn)
         self._objective = objectives.build(c.objective, self._loss_fn)  # SFT with loss, or DPO / ORPO
         reference.check_start(self._objective, c.start_adapter)
-        start = c.start_adapter and not resume and model_checks.starting_adapter(c.start_adapter, c.model)
+        start = model_checks.starting_adapter(c.start_adapter, c.model) if c.start_adapter and not resume else None
         self._dataloader = self._setup_data(c.dataset)
         self._val_dataloader = self._setup_data(c.val_dataset, evaluation=True) if c.val_dataset else None
         self._steps_per_epoch = steps_per_epoch(len(self._dataloader), c)
@@ -114,7 +114,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
             config.log_config(recipe_name="LoRAFinetuneRecipe", cfg=self._cfg)
         self._checkpointer = config.instantiate(c.checkpointer)
         base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        self._model = self._setup_model(base, resume["adapter"] if resume else start or None)
+        self._model = self._setup_model(base, resume["adapter"] if resume else start)
         del base  # the weights now live in the model
         if reference.wanted(self._objective):  # DPO's reference log-probs: computed now, at step 0, or resumed
             scored = (self._objective, self._parts, c.batch_size, c.collate_fn, self._tokenizer.pad_id)

@@ -190,8 +190,8 @@ def run_in_process(monkeypatch, capfd):
     `tune run` calls (recipe_in_process): the same result attributes, without ~10 s of imports per run. For runs
     that are not killed: a test that sends a signal needs a process of its own."""
 
-    def run(out: Path, *overrides, env=None) -> subprocess.CompletedProcess:
-        args = ["--config", "configs/tiny.yaml", f"output_dir={out}", *overrides]
+    def run(out: Path, *overrides, env=None, config="configs/tiny.yaml") -> subprocess.CompletedProcess:
+        args = ["--config", config, f"output_dir={out}", *overrides]
         result = recipe_in_process(monkeypatch, capfd, *args, env=env)
         result.stdout_text, result.stderr_text = result.stdout, result.stderr
         return result

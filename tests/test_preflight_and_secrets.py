@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TORCHAO_NOTICE, logged_metrics, offline_env, recipe_in_process
+from conftest import REPO, TORCHAO_NOTICE, logged_metrics, offline_env
 from fake_hub import FakeHub
 from wandb_records import history
 
@@ -34,15 +34,13 @@ def assert_fails_in_one_line(result, out: Path, *needles, status=2):
 
 
 @pytest.fixture
-def run_tiny(tmp_path, monkeypatch, capfd):
-    """The recipe on a config of the tiny model, through the entry point `tune run` calls, in this process
-    (conftest.recipe_in_process; tests/test_bad_inputs.py runs three cases through the real `tune run` too).
-    ``env``: variables to set, None to unset. Returns (result, output_dir)."""
+def run_tiny(tmp_path, run_in_process):
+    """conftest.run_in_process into tmp_path/out (the recipe's `tune run` entry point in this process;
+    tests/test_bad_inputs.py runs three cases through the real `tune run` too). Returns (result, output_dir)."""
 
     def run(*overrides, env=None, config="configs/tiny.yaml"):
         out = tmp_path / "out"
-        args = ["--config", config, f"output_dir={out}", *overrides]
-        return recipe_in_process(monkeypatch, capfd, *args, env=env), out
+        return run_in_process(out, *overrides, env=env, config=config), out
 
     return run
 
@@ -110,11 +108,11 @@ def test_wandb_without_credentials(tmp_path, run_tiny):
     assert_fails_in_one_line(result, out, "WANDB_API_KEY", "python wb.py", "WANDB_MODE=offline")
 
 
-def test_output_dir_not_writable(tmp_path, monkeypatch, capfd):
+def test_output_dir_not_writable(tmp_path, run_in_process):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = blocker / "out"
-    result = recipe_in_process(monkeypatch, capfd, "--config", "configs/tiny.yaml", f"output_dir={out}")
+    result = run_in_process(out)
     assert_fails_in_one_line(result, out, "output_dir", "is a file")
 
 
