@@ -4,6 +4,7 @@
 #   make unit   # only the fast in-process tests (tests/unit), without the .venv-hf environment
 #   make demo-chat  # the demo on generated conversations, rendered with the tiny model's chat template
 #   make demo-dpo   # DPO on generated preference pairs, starting from demo-chat's merged model (runs it if needed)
+#   make demo-tools # tool calling: conversations with lookup_color calls, scored on held-out questions
 #   make gguf-install  # llama-cpp-python, for quantized GGUF export (make test installs it too)
 #   make bench  # speed and memory next to torchtune's recipe and TRL (not part of make test)
 # Other targets: make assets, make lint, make clean.
@@ -17,7 +18,7 @@ TINY   := assets/tiny
 # The demo and the tests never touch the network (model, tokenizer and data are generated locally).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: demo demo-chat demo-dpo test unit bench install test-install gguf-install hf-install assets lint clean
+.PHONY: demo demo-chat demo-dpo demo-tools test unit bench install test-install gguf-install hf-install assets lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -47,7 +48,7 @@ $(HFVENV)/.installed: requirements-hf.txt
 	@touch $@
 
 assets: $(TINY)/model.safetensors
-$(TINY)/model.safetensors: lora_tools/tiny_assets.py lora_tools/demo/assets.py $(VENV)/.installed
+$(TINY)/model.safetensors: lora_tools/tiny_assets.py lora_tools/demo/assets.py lora_tools/demo/llama3_2_instruct.jinja $(VENV)/.installed
 	$(BIN)/python -m lora_tools.tiny_assets --out $(TINY)
 
 demo: install assets
@@ -61,6 +62,9 @@ CHAT_MODEL := outputs/tiny_chat/checkpoints/step_0000120/model/model.safetensors
 demo-dpo: install assets
 	@test -f $(CHAT_MODEL) || $(MAKE) demo-chat
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_dpo.yaml
+
+demo-tools: install assets
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(OFFLINE) tune run lora_finetune_single_device.py --config configs/tiny_tools.yaml
 
 # The installs first, side by side (llama.cpp compiles while pip fetches .venv-hf); then two test processes, each
 # file on one, one thread each (two processes of two threads would fight for 2 cores).

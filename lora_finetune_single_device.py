@@ -164,7 +164,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         """A dataset's batches (lora_tools.data.batching); its summary is logged before any weights load."""
         c, s, ignore = self.cfg, self._strategy, self._loss_fn.ignore_index
         name = "val_dataset" if evaluation else "dataset"
-        built = self._built[name] = batching.build_dataset(section, self._tokenizer, ignore, name)
+        built = self._built[name] = batching.build_dataset(section, self._tokenizer, ignore, name, self.seed)
         objectives.check_data_fits(self._objective, built, name)
         if not evaluation:  # every process: each must stop, not only the one that prints
             built.summary.require_trained_tokens(name)

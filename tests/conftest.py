@@ -139,14 +139,24 @@ def hf_logits(checkpoint: Path, tmp_path: Path, base: Path = TINY) -> dict[str, 
     return load_file(out)
 
 
-def tune_run(out: Path, *overrides, env=None, wait=True, nproc: int | None = None, torchrun_args=(), timeout=600):
-    """`tune run` of the tiny config into ``out``: the single-device recipe, or with ``nproc`` the distributed
-    one on that many CPU processes. Returns the Popen, finished (with stdout_text/stderr_text) unless wait=False."""
+def tune_run(
+    out: Path,
+    *overrides,
+    env=None,
+    wait=True,
+    nproc: int | None = None,
+    torchrun_args=(),
+    timeout=600,
+    config="configs/tiny.yaml",
+):
+    """`tune run` of the tiny config (or ``config``) into ``out``: the single-device recipe, or with ``nproc`` the
+    distributed one on that many CPU processes. Returns the Popen, finished (with stdout_text/stderr_text) unless
+    wait=False."""
     if nproc is None:
         cmd = [TUNE, "run", "lora_finetune_single_device.py"]
     else:
         cmd = [TUNE, "run", *torchrun_args, "--nproc_per_node", str(nproc), "lora_finetune_distributed.py"]
-    cmd += ["--config", "configs/tiny.yaml", f"output_dir={out}", *overrides]
+    cmd += ["--config", config, f"output_dir={out}", *overrides]
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env or offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -241,6 +251,7 @@ DEMO_STEP_DIR = f"step_{DEMO_STEPS:07d}"
 SHARED_RUNS = {
     "demo": ("--config", "configs/tiny.yaml", DEMO_EVAL),
     "chat_demo": ("--config", "configs/tiny_chat.yaml"),
+    "tools_demo": ("--config", "configs/tiny_tools.yaml"),
 }
 
 
@@ -291,3 +302,9 @@ def demo(tmp_path_factory):
 def chat_demo(tmp_path_factory):
     """`make demo-chat` once per session, through the real `tune run`: (output_dir, result, seconds)."""
     return _shared_run(tmp_path_factory, "chat_demo")
+
+
+@pytest.fixture(scope="session")
+def tools_demo(tmp_path_factory):
+    """`make demo-tools` once per session, through the real `tune run`: (output_dir, result, seconds)."""
+    return _shared_run(tmp_path_factory, "tools_demo")

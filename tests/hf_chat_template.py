@@ -2,7 +2,9 @@
 
     hf_chat_template.py MODEL_DIR IN.json OUT.json
 
-IN.json: {"conversations": [[{"role", "content"}, ...], ...], "kwargs": {...}}. For each conversation, with the
+IN.json: {"conversations": [[{"role", "content"}, ...], ...], "kwargs": {...}}; a conversation may also be
+{"messages": [...], "tools": [...], "kwargs": {...}}, its own tool schemas and extra template variables. For each
+conversation, with the
 plain transformers calls on MODEL_DIR's tokenizer files, OUT.json gets the token ids of the whole conversation
 (``apply_chat_template``), of the prompt a server builds to answer its last turn (everything before the last
 assistant message, ``add_generation_prompt=True``), and the rendered text. Also the ids of the assistant header.
@@ -17,9 +19,14 @@ from transformers import AutoTokenizer
 def main(model_dir: str, in_path: str, out_path: str) -> None:
     request = json.loads(open(in_path, encoding="utf-8").read())
     tok = AutoTokenizer.from_pretrained(model_dir)
-    kwargs = request.get("kwargs", {})
     out = {"conversations": []}
-    for messages in request["conversations"]:
+    shared = request.get("kwargs", {})
+    for conversation in request["conversations"]:
+        if isinstance(conversation, dict):
+            messages = conversation["messages"]
+            kwargs = {**shared, **conversation.get("kwargs", {}), "tools": conversation.get("tools")}
+        else:
+            messages, kwargs = conversation, shared
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         out["conversations"].append(
             {

@@ -10,6 +10,7 @@ such as a checkpoint to resume from). ``{tmp}`` in overrides, config, env values
 temporary folder; the run's output_dir is ``{tmp}/out``, and the case fails if the run changes anything there.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,22 @@ def _chat_rows(*rows: str, good_before: int = 0) -> str:
     return "\n".join([GOOD_CHAT] * good_before + list(rows)) + "\n"
 
 
+def _call(arguments) -> dict:
+    """A lookup_color call in OpenAI's form, its arguments as given (an object, or JSON text)."""
+    return {"type": "function", "function": {"name": "lookup_color", "arguments": arguments}}
+
+
+def _tool_row(*calls: dict) -> str:
+    """A conversation whose assistant makes ``calls``, then gets a result and answers."""
+    messages = [
+        {"role": "user", "content": "What color is the plum?"},
+        {"role": "assistant", "content": None, "tool_calls": list(calls)},
+        {"role": "tool", "content": "purple"},
+        {"role": "assistant", "content": "Purple."},
+    ]
+    return json.dumps({"messages": messages})
+
+
 # Preference pairs: configs/tiny_dpo.yaml on the tiny base (its demo base, a chat run's output, is not there in
 # tests), reading {tmp}/pairs.jsonl
 DPO_CFG = "configs/tiny_dpo.yaml"
@@ -68,6 +85,13 @@ def _two_pair_files() -> str:
     first = f"- {builder}  source: assets/tiny/data/pairs_heldout.jsonl\n  chat_template: assets/tiny\n"
     assert text.count(f"\ndataset:\n  {builder}") == 1
     return text.replace(f"\ndataset:\n  {builder}", f"\ndataset:\n{first}- {builder}")
+
+
+def _two_chats(first: str, second: str) -> str:
+    """An override: configs/tiny_chat.yaml's training data as a list of two conversation sections, each with the
+    keys given (YAML flow syntax, each starting with ", ")."""
+    section = "{_component_: lora_tools.data.sft.conversation_dataset, source: assets/tiny/data/chat_train.jsonl%s}"
+    return f"dataset=[{section % first}, {section % second}]"
 
 
 def _write_parquet(tmp: Path, monkeypatch) -> None:
@@ -305,7 +329,7 @@ CASES = [
     ),
     Case(
         "own-unknown-role",
-        ("row 3, message 2", "unknown role 'robot'", "system, user or assistant"),
+        ("row 3, message 2", "unknown role 'robot'", "system, user, assistant or tool"),
         ("dataset.source={tmp}/data.jsonl",),
         config=OWN,
         files={
@@ -426,6 +450,107 @@ CASES = [
         config=OWN,
         files={"held.jsonl": _chat_rows('{"messages": [{"role": "narrator", "content": "a"}]}')},
     ),
+    # --- tool calls and message parts (lora_tools.data.records) ------------------------------------------------
+    Case(
+        "tool-call-without-a-name",
+        ("data.jsonl, row 2, message 2, tool call 1: the call has no function name", '"function": {"name"'),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows(_tool_row({"function": {"arguments": {"thing": "plum"}}}), good_before=1)},
+    ),
+    Case(
+        "tool-arguments-not-json",
+        ("row 1, message 2, tool call 1: the arguments of lookup_color is not valid JSON", "write it as a JSON object"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows(_tool_row(_call("{thing: plum")))},
+    ),
+    Case(
+        "tool-arguments-a-list",
+        ("row 1, message 2, tool call 1: the arguments of lookup_color are list, not an object",),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows(_tool_row(_call("[1, 2]")))},
+    ),
+    Case(
+        "tool-result-before-any-call",
+        ("row 1, message 2: a tool result with no tool call before it", "put the assistant message"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={
+            "data.jsonl": _chat_rows(
+                '{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "red"}, '
+                '{"role": "assistant", "content": "b"}]}'
+            )
+        },
+    ),
+    Case(
+        "tools-column-not-a-list",
+        ("row 1: column 'tools' holds dict, not a list of tool schemas", "give a JSON list"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows(GOOD_CHAT[:-1] + ', "tools": {"name": "f"}}')},
+    ),
+    Case(
+        "tools-file-missing",
+        ("dataset.tools: ", "nope.json does not exist", "a list of tool schemas"),
+        ("dataset.tools={tmp}/nope.json",),
+        config=OWN,
+    ),
+    Case(
+        "tool-schema-without-a-name",
+        ("dataset.tools: file ", "has a tool schema without a function name"),
+        ("dataset.tools={tmp}/tools.json",),
+        config=OWN,
+        files={"tools.json": '[{"type": "function", "function": {"parameters": {}}}]'},
+    ),
+    Case(
+        "two-parallel-calls-under-llama-3-2",
+        ("row 1: the chat template in", "refused the conversation: This model only supports single tool-calls"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={"data.jsonl": _chat_rows(_tool_row(_call({"thing": "plum"}), _call({"thing": "kiwi"})))},
+    ),
+    Case(
+        "image-part",
+        ("row 1, message 1: a part of type 'image_url'", "this recipe trains text models"),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={
+            "data.jsonl": _chat_rows(
+                '{"messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, {"type": '
+                '"image_url", "image_url": {"url": "cat.png"}}]}, {"role": "assistant", "content": "a cat"}]}'
+            )
+        },
+    ),
+    Case(
+        "sharegpt-function-call-not-json",
+        ("row 1, message 2: the function_call turn is not valid JSON",),
+        ("dataset.source={tmp}/data.jsonl", "dataset.conversation_column=conversations"),
+        config=OWN,
+        files={
+            "data.jsonl": '{"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": '
+            '"lookup_color(plum)"}, {"from": "gpt", "value": "b"}]}\n'
+        },
+    ),
+    Case(
+        "tool-call-on-a-user-message",
+        ("row 1, message 1: a user message has tool calls; only assistant messages make calls",),
+        ("dataset.source={tmp}/data.jsonl",),
+        config=OWN,
+        files={
+            "data.jsonl": _chat_rows(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": "a", "tool_calls": [_call({"thing": "plum"})]},
+                            {"role": "assistant", "content": "b"},
+                        ]
+                    }
+                )
+            )
+        },
+    ),
     # --- preference pairs (lora_tools.data.preference) and their objectives (DPO, ORPO) --------------------------
     Case(
         "pairs-missing-chosen",
@@ -473,7 +598,7 @@ CASES = [
     ),
     Case(
         "pairs-unknown-role",
-        ("pairs.jsonl, row 2, column 'prompt', message 2: unknown role 'robot'", "use system, user or assistant"),
+        ("pairs.jsonl, row 2, column 'prompt', message 2: unknown role 'robot'", "use system, user, assistant or tool"),
         PAIRS,
         config=DPO_CFG,
         files={
@@ -599,6 +724,34 @@ CASES = [
         ("dataset: a preference dataset must be the only one in its section",),
         config="{tmp}/two.yaml",
         files={"two.yaml": _two_pair_files()},
+    ),
+    # --- weighted dataset lists (lora_tools.data.mixing) -------------------------------------------------------
+    Case("mix-weight-0", ("override dataset.weight=0: dataset.weight is 0", "greater than 0"), ("dataset.weight=0",)),
+    Case("mix-weight-negative", ("dataset.weight is -1", "a number greater than 0"), ("dataset.weight=-1",)),
+    Case("mix-weight-abc", ("dataset.weight is 'abc'", "a number greater than 0"), ("dataset.weight=abc",)),
+    Case(
+        "mix-max-samples-0",
+        ("dataset[1].max_samples is 0", "an integer >= 1", "fix dataset[1].max_samples"),
+        (_two_chats("", ", max_samples: 0"),),
+        config=OWN,
+    ),
+    Case(
+        "mix-weight-on-one-section-only",
+        ("override dataset=[", "dataset[1] has no weight but dataset[0] has one; give every section a weight, or none"),
+        (_two_chats(", weight: 2", ""),),
+        config=OWN,
+    ),
+    Case(
+        "mix-max-samples-on-pairs",
+        ("dataset.max_samples: preference pairs are read whole; remove dataset.max_samples",),
+        (*ON_TINY, "dataset.max_samples=100"),
+        config=DPO_CFG,
+    ),
+    Case(
+        "mix-weight-on-pairs",
+        ("dataset.weight: preference pairs are read whole; remove dataset.weight",),
+        (*ON_TINY, "dataset.weight=1"),
+        config=DPO_CFG,
     ),
     # --- .env and W&B ------------------------------------------------------------------------------------------
     Case(

@@ -76,26 +76,55 @@ def test_adapter_and_merged_model_load_in_transformers_and_peft(tmp_path, run_in
 # --- exact resume ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_steps", ["null", "7"], ids=["max_steps_null", "max_steps_7"])
-def test_resume_after_sigkill_is_exact(tmp_path, max_steps):
-    common = [*SHORT, f"max_steps_per_epoch={max_steps}", "save_every_n_steps=4"]
+def _chats(file: str, keys: str) -> str:
+    """A dataset section of configs/tiny_chat.yaml reading ``file``, with ``keys`` (YAML flow syntax)."""
+    builder = "_component_: lora_tools.data.sft.conversation_dataset, chat_template: assets/tiny"
+    return f"{{{builder}, source: assets/tiny/data/{file}, {keys}}}"
+
+
+# A weighted list of two conversation files on configs/tiny_chat.yaml (lora_tools.data.mixing): pools of 64 and
+# 40 samples, half of the epoch's 104 each, so the first gives a subset of its pool and the second repeats its
+# own (x1.30). Batch 4, accumulation 2: 13 optimizer steps in the one epoch.
+MIXED = [
+    f"dataset=[{_chats('chat_train.jsonl', 'weight: 0.5, max_samples: 64')}, "
+    f"{_chats('chat_heldout.jsonl', 'weight: 0.5, max_samples: 40')}]",
+    "val_dataset=null",
+    "sample_prompts=[]",
+    "batch_size=4",
+    "gradient_accumulation_steps=2",
+    "epochs=1",
+    "max_steps_per_epoch=null",
+    "lr_scheduler.num_warmup_steps=4",
+]
+# Each run: config, overrides, optimizer steps, and the checkpoint after which the first run is killed.
+RESUMED_RUNS = {
+    "max_steps_null": ("configs/tiny.yaml", [*SHORT, "max_steps_per_epoch=null"], 20, 8),
+    "max_steps_7": ("configs/tiny.yaml", [*SHORT, "max_steps_per_epoch=7"], 14, 8),
+    "mixed_datasets": ("configs/tiny_chat.yaml", MIXED, 13, 4),  # killed mid-epoch
+}
+
+
+@pytest.mark.parametrize("name", RESUMED_RUNS)
+def test_resume_after_sigkill_is_exact(tmp_path, name):
+    config, overrides, n_steps, killed_after = RESUMED_RUNS[name]
+    common = [*overrides, "save_every_n_steps=4"]
     full_out, cut_out = tmp_path / "full", tmp_path / "cut"
-    full = tune_run(full_out, *common, "metric_logger.filename=log_full.txt")
+    full = tune_run(full_out, *common, "metric_logger.filename=log_full.txt", config=config)
     assert full.returncode == 0, full.stderr_text[-3000:]
     expected = losses(full_out, "log_full.txt")
-    n_steps = 20 if max_steps == "null" else 14
     assert sorted(expected) == list(range(1, n_steps + 1))
 
-    proc = tune_run(cut_out, *common, "metric_logger.filename=log_first.txt", wait=False)
-    wait_for(lambda: pointer(cut_out) == "step_0000008", proc=proc)
+    proc = tune_run(cut_out, *common, "metric_logger.filename=log_first.txt", wait=False, config=config)
+    wait_for(lambda: pointer(cut_out) == f"step_{killed_after:07d}", proc=proc)
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    resumed = tune_run(cut_out, *common, "resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt")
+    again = ["resume_from_checkpoint=True", "metric_logger.filename=log_resumed.txt"]
+    resumed = tune_run(cut_out, *common, *again, config=config)
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
     after = losses(cut_out, "log_resumed.txt")
-    assert sorted(after) == list(range(9, n_steps + 1))
+    assert sorted(after) == list(range(killed_after + 1, n_steps + 1))
     # One process, the same threads and kernels, the same operations in the same order: exact, no tolerance.
     assert after == {step: expected[step] for step in after}
     want, got = final_adapter(full_out), final_adapter(cut_out)

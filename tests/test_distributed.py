@@ -34,7 +34,7 @@ from lora_tools.demo.assets import THINGS
 SGD = ["optimizer._component_=torch.optim.SGD", "optimizer.lr=0.1", "optimizer.momentum=0.9"]
 MOMENTUM = 0.9
 # The longest float32 sums in a step: over the 8 x 512 token positions of a global batch, plus the widths a value
-# is summed over on its way through the tiny model's 4 layers (256, 768) and its head (1229 tokens), about 6,300.
+# is summed over on its way through the tiny model's 4 layers (256, 768) and its head (1684 tokens), about 6,300.
 SUM_LENGTH = 2**14
 COMMON = [
     *SGD,

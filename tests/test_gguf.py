@@ -174,6 +174,33 @@ def test_llama_cpp_chat_formatting_gives_the_trained_tokens(exported):
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == expected
 
 
+def test_llama_cpp_formats_tool_conversations_as_training_did(exported):
+    """The GGUF's embedded template is Llama 3.2's own: llama-cpp-python formats the tool demo's held-out
+    conversations with it and the schemas (tools=), llama.cpp's tokenizer cuts them, and the ids are the ones the
+    recipe trains on for those rows (call JSON, ipython results, and the schemas in the first user message)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from torchtune import config
+
+    from lora_tools.data import records
+
+    _, folder = exported
+    llm = _load(folder / "model-f16.gguf")
+    template = llm.metadata["tokenizer.chat_template"]
+    formatter = Jinja2ChatFormatter(
+        template=template, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>", add_generation_prompt=False
+    )
+    cfg = load_config(["--config", CHAT_CONFIG])
+    source, tools = str(TINY / "data/tools_heldout.jsonl"), str(TINY / "data/tools.json")
+    trained = conversation_dataset(config.instantiate(cfg.tokenizer), source, chat_template=str(TINY), tools=tools)
+    rows = [json.loads(line) for line in (TINY / "data/tools_heldout.jsonl").read_text().splitlines()]
+    schemas = json.loads((TINY / "data/tools.json").read_text())
+    for i, row in enumerate(rows[:10]):
+        messages = records.conversation("row", row, "messages", "dataset")
+        prompt = formatter(messages=messages, tools=schemas).prompt
+        assert "<|start_header_id|>ipython<|end_header_id|>" in prompt and '"parameters": {"thing": ' in prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == trained[i]["tokens"], i
+
+
 def test_llama_cpp_held_out_loss_equals_the_recipes(exported):
     """The mean loss of llama.cpp's logits on the demo's held-out assistant tokens is within 1% of the recipe's
     own held-out loss after training."""

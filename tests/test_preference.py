@@ -250,7 +250,7 @@ def test_dpo_from_the_sft_adapter_uses_base_plus_that_adapter_as_its_reference(c
     ref_way1 = merged._built["dataset"].dataset.reference
     # The two ways add the same terms in other orders (W + s·BA merged once, against W·x + s·B(A·x)): each summed
     # log-prob is off by at most rounding(n) of its magnitude, n the longest float32 sum on the way (the tiny
-    # model's 768-wide MLP and 1229-token softmax: under 2**11).
+    # model's 768-wide MLP and 1684-token softmax: under 2**11).
     bound = rounding(2**11) * ref_way1.abs().max().item()
     worst, moved = (ref_way2 - ref_way1).abs().max().item(), (bare - ref_way1).abs().max().item()
     print(f"reference log-probs: way 2 - way 1 {worst:.3g}, bare base - way 1 {moved:.3g}, bound {bound:.3g}")

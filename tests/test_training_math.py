@@ -13,7 +13,7 @@ from lora_tools.config import settings
 
 IGNORE = -100
 # The longest float32 sums in these steps: over a batch's token positions (at most 4 x 512 here) plus the widths a
-# value is summed over through the tiny model's 4 layers (256, 768) and head (1229), about 6,300 in all.
+# value is summed over through the tiny model's 4 layers (256, 768) and head (1684), about 6,300 in all.
 SUM_LENGTH = 2**13
 
 

@@ -99,6 +99,18 @@ def render() -> str:
     ]
     for section, key, _test, words in settings.VALUE_RULES:
         lines.append(f"| `{section}.{key}` | {_cell(words)} |")
+    lines += [
+        "",
+        "## Keys of every dataset section",
+        "",
+        "Read by the recipe itself and never passed to the builder, in `dataset`, `val_dataset` and each entry of a",
+        "list of datasets (see [data.md](data.md#several-datasets-weights-and-caps)):",
+        "",
+        "| key | rule | doc |",
+        "| --- | --- | --- |",
+    ]
+    for key, (doc, _test, words) in settings.DATASET_KEYS.items():
+        lines.append(f"| `dataset.{key}` | {_cell(words)} | {_cell(doc)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,7 @@ class Origin(str):
         """The last override that set ``key`` or a section above it, else the file."""
         for arg in reversed(self.overrides):
             name = arg.split("=", 1)[0].lstrip("~+")
-            if key == name or key.startswith(name + "."):
+            if key == name or key.startswith((name + ".", name + "[")):
                 return f"override {arg}"
         return str(self)
 
@@ -191,6 +191,44 @@ VALUE_RULES = (
     ("dataset", "conversation_style", lambda v: v in ("sharegpt", "openai"), "sharegpt or openai"),
 )
 
+# Keys of every dataset section (of dataset and val_dataset, and of each entry of a list of them) that
+# lora_tools.data.batching reads itself and never passes to the builder (lora_tools.data.mixing): doc, test, words.
+DATASET_SECTIONS = ("dataset", "val_dataset")
+DATASET_KEYS = {
+    "weight": (
+        "in a list of datasets, this one's share of each epoch (normalized over the list); null: none",
+        lambda v: v is None or (_is_number(v) and 0 < v < float("inf")),
+        "a number greater than 0, e.g. 0.8 (or null)",
+    ),
+    "max_samples": (
+        "use at most this many samples of this dataset, a random subset drawn from the seed; null: all",
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "an integer >= 1 (or null)",
+    ),
+}
+
+
+def check_dataset_keys(sections: list, name: str, source: str = "") -> None:
+    """DATASET_KEYS of a dataset section, or of each section of a list of them (``name``: dataset or
+    val_dataset): each value's rule, and a weight on every section of a list or on none."""
+    for i, section in enumerate(sections):
+        where = f"{name}[{i}]" if len(sections) > 1 else name
+        for key, (_doc, test, words) in DATASET_KEYS.items():
+            if key in section and not test(section[key]):
+                prefix = f"{_of(source, f'{where}.{key}')}: " if source else ""
+                raise UserError(
+                    f"{prefix}{where}.{key} is {_show(section[key])}, but it must be {words}; "
+                    f"fix {where}.{key} in the config"
+                )
+    prefix = f"{_of(source, name)}: " if source else ""
+    weighted = [section.get("weight", None) is not None for section in sections]
+    if any(weighted) and not all(weighted):
+        without, given = weighted.index(False), weighted.index(True)
+        raise UserError(
+            f"{prefix}{name}[{without}] has no weight but {name}[{given}] has one; give every section a weight, or none"
+        )
+
+
 # Common names for arguments that difflib cannot match (too different in spelling).
 ALIASES = {"learning_rate": "lr", "rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
@@ -285,10 +323,14 @@ def _component_section(source: str, name: str, value: Any, f: dataclasses.Field)
             raise UserError(f"{source}: {name} is an empty list; give at least one dataset section or null")
         for i, item in enumerate(value):
             _check_component(source, f"{name}[{i}]", item, f.metadata.get("passes", (0, ())))
+        if name in DATASET_SECTIONS:
+            check_dataset_keys(value, name, source)
         return OmegaConf.create(value)
     if isinstance(value, dict) and "_component_" not in value and default_component:
         value = {"_component_": default_component, **value}
     _check_component(source, name, value, f.metadata.get("passes", (0, ())), f.metadata.get("choices"))
+    if name in DATASET_SECTIONS:
+        check_dataset_keys([value], name, source)
     return OmegaConf.create(value)
 
 
@@ -326,8 +368,9 @@ def _check_component(
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     extra = _extra_keyword_names(target, node) if any(p.kind == p.VAR_KEYWORD for p in params) else {}
     short = section.split("[")[0]
+    own = set(DATASET_KEYS) if short in DATASET_SECTIONS else set()  # read by the recipe, checked by the caller
     for key, value in node.items():
-        if key == "_component_":
+        if key == "_component_" or key in own:
             continue
         if key in passed:
             raise UserError(
@@ -340,8 +383,9 @@ def _check_component(
         elif key in extra:
             annotation = extra[key]
         else:
-            unknown = [k for k in node if k != "_component_" and k not in named and k not in passed and k not in extra]
-            raise _unknown(source, f"{section}.{key}", key, [*(set(named) - passed), *extra], path, unknown)
+            known = {"_component_", *named, *passed, *extra, *own}
+            unknown = [k for k in node if k not in known]
+            raise _unknown(source, f"{section}.{key}", key, [*(set(named) - passed), *extra, *own], path, unknown)
         if _fits(value, annotation) is False:
             raise _bad_value(source, f"{section}.{key}", value, _describe(annotation), f"{path} takes ")
         for rule_section, rule_key, test, words in VALUE_RULES:

@@ -18,6 +18,7 @@ from torchtune import config
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from lora_tools.config import loader, preflight
+from lora_tools.data import mixing
 from lora_tools.data.batching import BuiltDataset, build_dataset
 from lora_tools.data.preference import PairSummary, PreferencePairs
 from lora_tools.errors import UserError, fail
@@ -91,7 +92,9 @@ def main(argv=None) -> int:
         preflight.check_datasets(cfg)
         tokenizer = config.instantiate(cfg.tokenizer)
         sections = [("dataset", cfg.dataset)] + ([("val_dataset", cfg.val_dataset)] if cfg.get("val_dataset") else [])
-        built = {name: build_dataset(node, tokenizer, CROSS_ENTROPY_IGNORE_IDX, name) for name, node in sections}
+        seed = cfg.get("seed", None)
+        seed = mixing.DEFAULT_SEED if seed is None else seed  # training draws a seed of its own for seed: null
+        built = {name: build_dataset(node, tokenizer, CROSS_ENTROPY_IGNORE_IDX, name, seed) for name, node in sections}
         pairs = {name: pairs_of(b, name) for name, b in built.items()}
     except UserError as e:
         return fail(str(e))

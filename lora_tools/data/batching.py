@@ -11,7 +11,7 @@ Shifted labels also let the loss take the labels as they come, packed or not.
 import importlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any
 
@@ -25,8 +25,9 @@ from torchtune.data import padded_collate_packed
 from torchtune.datasets import PackedDataset
 
 from lora_tools.config.settings import as_list
+from lora_tools.data import mixing
 from lora_tools.data.sft import TokenizedConversations
-from lora_tools.data.summary import DataSummary
+from lora_tools.data.summary import DataSummary, SourceCounts
 from lora_tools.errors import UserError
 
 
@@ -125,40 +126,53 @@ class BuiltDataset:
     max_seq_len: int | None
     ignore_index: int
     pairs: bool = False  # preference pairs (ShiftedPairs), for DPO and ORPO
+    mix: mixing.Mix | None = None  # the epoch's draw, when a section sets weight or max_samples
+    names: list[str] = field(default_factory=list)  # what each section reads (source_name)
 
     @cached_property
     def summary(self) -> DataSummary:
-        """Counted over every sample on first use (one tokenizing pass for torchtune's builders, whose samples
-        are tokenized on access). Every process counts the training data, at the same time, to check that it
-        keeps a token to train on; only the first one logs it."""
+        """Counted over every sample of an epoch on first use (one tokenizing pass for torchtune's builders, whose
+        samples are tokenized on access), repeats as often as they are drawn. Every process counts the training
+        data, at the same time, to check that it keeps a token to train on; only the first one logs it."""
         if self.pairs:
             return self.parts[0].summary()
-        lengths, trained, full_lengths = [], [], []
-        for part in self.parts:
+        lengths, trained, full_lengths, sources = [], [], [], []
+        for k, part in enumerate(self.parts):
             if isinstance(part, TokenizedConversations):  # counted while tokenizing
                 n, t, full = part.lengths(), part.trained_counts(), part.full_lengths
             else:
                 shifted = NextTokenLabels(part, self.ignore_index)
                 labels = [shifted[i]["labels"] for i in range(len(part))]
                 n, t, full = [len(x) for x in labels], [sum(y != self.ignore_index for y in x) for x in labels], None
-            lengths += n
-            trained += t
-            full_lengths = None if full is None or full_lengths is None else full_lengths + full
+            pool = self.mix.pools[k].tolist() if self.mix else range(len(part))
+            drawn = self.mix.draws[k].tolist() if self.mix else range(len(part))
+            lengths += [n[i] for i in drawn]
+            trained += [t[i] for i in drawn]
+            full_lengths = None if full is None or full_lengths is None else full_lengths + [full[i] for i in drawn]
+            counted = [(len(x), sum(n[i] for i in x)) for x in (range(len(part)), pool, drawn)]
+            sources.append(SourceCounts(self.names[k] if self.names else "", *counted))
         rows = len(self.dataset) if self.packed else None
-        return DataSummary(lengths, trained, full_lengths, self.max_seq_len, rows)
+        shown = len(self.parts) > 1 or self.mix is not None  # one dataset read whole: the overall lines say it all
+        return DataSummary(lengths, trained, full_lengths, self.max_seq_len, rows, tuple(sources) if shown else ())
 
 
 def build_dataset(
-    cfg_dataset: DictConfig | ListConfig, tokenizer, ignore_index: int, section: str = "dataset"
+    cfg_dataset: DictConfig | ListConfig,
+    tokenizer,
+    ignore_index: int,
+    section: str = "dataset",
+    seed: int = mixing.DEFAULT_SEED,
 ) -> BuiltDataset:
-    """Instantiate one dataset or a list of them, shift labels per sample, then pack if asked.
+    """Instantiate one dataset or a list of them, shift labels per sample, mix them, then pack if asked.
 
-    ``packed`` is read from the config but never passed to the builder: packing happens here, after the shift.
+    ``packed``, ``weight`` and ``max_samples`` are read from the config but never passed to the builder: packing
+    happens here, after the shift; weights and caps pick each epoch's samples (lora_tools.data.mixing), drawn
+    once from ``seed``.
     """
-    cfgs = as_list(cfg_dataset)
+    cfgs = [OmegaConf.to_container(cfg, resolve=True) for cfg in as_list(cfg_dataset)]
+    weights, caps = mixing.read_keys(cfgs, section)
     built, packed_flags = [], []
-    for cfg in cfgs:
-        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for cfg in map(OmegaConf.create, cfgs):
         packed_flags.append(bool(cfg.pop("packed", False)))
         try:
             built.append(config.instantiate(cfg, tokenizer))
@@ -173,16 +187,35 @@ def build_dataset(
             raise UserError(f"{section}: a preference dataset must be the only one in its section; give one file")
         if packed_flags[0]:
             raise UserError(f"{section}.packed: preference pairs are not packed; remove packed: True")
+        if weights is not None or caps[0] is not None:
+            key = "weight" if weights is not None else "max_samples"
+            raise UserError(f"{section}.{key}: preference pairs are read whole; remove {section}.{key}")
         ds = ShiftedPairs(built[0], ignore_index)
         return BuiltDataset(ds, False, ds, built, tokenizer.max_seq_len, ignore_index, pairs=True)
     parts = [NextTokenLabels(b, ignore_index) for b in built]
-    ds = samples = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    mix = None
+    if weights is not None or any(cap is not None for cap in caps):
+        mixing.check_sources([len(b) for b in built], weights, section)
+        mix = mixing.draw([len(b) for b in built], weights, caps, seed)
+        ds = samples = mixing.MixedDataset(parts, mix.draws)
+    else:
+        ds = samples = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     packed = packed_flags[0]
     if packed:
         if tokenizer.max_seq_len is None:
             raise UserError("dataset.packed is True but tokenizer.max_seq_len is null; set tokenizer.max_seq_len=2048")
         ds = PackedDataset(ds, max_seq_len=tokenizer.max_seq_len, padding_idx=tokenizer.pad_id)
-    return BuiltDataset(ds, packed, samples, built, tokenizer.max_seq_len, ignore_index)
+    names = [source_name(cfg) for cfg in cfgs]
+    return BuiltDataset(ds, packed, samples, built, tokenizer.max_seq_len, ignore_index, mix=mix, names=names)
+
+
+def source_name(cfg: dict) -> str:
+    """What a dataset section reads, for the summary: its source file or Hub name, else its builder's name."""
+    files = cfg.get("data_files")
+    source = cfg.get("source")
+    if source in (None, "json", "csv", "parquet", "text", "arrow") and files is not None:
+        return ", ".join(map(str, as_list(files)))
+    return str(source) if source is not None else str(cfg.get("_component_", "")).rsplit(".", 1)[-1]
 
 
 def collate_for(built: BuiltDataset, collate_fn: str, pad_id: int, ignore_index: int) -> Callable:

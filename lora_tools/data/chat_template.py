@@ -9,7 +9,9 @@ strings become their ids, the text between them goes through the BPE.
 
 Trained tokens are found from the template itself: an assistant turn is the text that rendering
 ``messages[:i + 1]`` adds after rendering ``messages[:i]`` with the generation prompt. So whatever a template
-writes around a turn, the model learns the turn's content and its end-of-turn token, never the prompt.
+writes around a turn, the model learns the turn's content and its end-of-turn token, never the prompt. A turn
+that calls a tool is an assistant turn like any other (the call as the template writes it, and its end-of-turn
+token); tool results and the tool schemas the template prints are prompt.
 """
 
 import json
@@ -71,12 +73,16 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def render_template(template: str, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
+def render_template(
+    template: str, messages: list[dict], add_generation_prompt: bool, variables: dict, tools: list[dict] | None = None
+) -> str:
     """A chat template rendered as transformers renders it (for a template that is not a model's file)."""
     return (
         _environment()
         .from_string(template)
-        .render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
+        .render(
+            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **variables
+        )
     )
 
 
@@ -171,10 +177,11 @@ class ChatFormat:
         self._text = SpecialTokenText(tokenizer)
         self._special_bytes = {i: name.encode() for name, i in self._text.ids.items()}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """The conversation as text, as ``apply_chat_template(messages, tools=tools, **variables)`` renders it."""
         try:
             return self._template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
                 **self._variables,
             )  # fmt: skip
         except jinja2.TemplateError as e:
@@ -184,17 +191,19 @@ class ChatFormat:
         """Token ids of ``text`` as Hugging Face's tokenizer gives them: special-token strings are their ids."""
         return self._text.encode(text)
 
-    def prompt(self, messages: list[dict]) -> list[int]:
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The conversation so far and the assistant header: what a server feeds the model to answer."""
-        return self.encode(self.render(messages, add_generation_prompt=True))
+        return self.encode(self.render(messages, add_generation_prompt=True, tools=tools))
 
-    def tokenize(self, messages: list[dict], train_on: str = "assistant") -> tuple[list[int], list[bool]]:
+    def tokenize(
+        self, messages: list[dict], train_on: str = "assistant", tools: list[dict] | None = None
+    ) -> tuple[list[int], list[bool]]:
         """Token ids of the whole conversation and, per token, whether training predicts it.
 
         ``train_on``: "assistant" (every assistant turn), "last" (the last assistant turn) or "all" (every token
         but the first). A token is trained when any of its bytes lies in a trained turn.
         """
-        text = self.render(messages)
+        text = self.render(messages, tools=tools)
         ids = self.encode(text)
         if train_on == "all":
             return ids, [False] + [True] * (len(ids) - 1)
@@ -203,8 +212,8 @@ class ChatFormat:
             turns = turns[-1:]
         spans = []
         for i in turns:
-            before = self.render(messages[:i], add_generation_prompt=True)
-            through = self.render(messages[: i + 1])
+            before = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            through = self.render(messages[: i + 1], tools=tools)
             if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
                 raise UserError(
                     f"{self.source} does not render a conversation as the sum of its turns, so "

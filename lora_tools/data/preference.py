@@ -77,23 +77,7 @@ def _messages(where: str, value: object, column: str, text_role: str | None) -> 
         return [{"role": text_role, "content": value}]
     if not isinstance(value, list):
         raise UserError(f"{where}: column '{column}' holds {type(value).__name__}, not text or a list of messages")
-    out = []
-    for n, message in enumerate(value, start=1):
-        at = f"{where}, column '{column}', message {n}"
-        if isinstance(message, dict) and "role" in message and "content" in message:
-            role, content = message["role"], message["content"]
-        elif isinstance(message, dict) and "from" in message and "value" in message:
-            role, content = message["from"], message["value"]
-        else:
-            raise UserError(f"{at}: a message needs role and content (OpenAI style) or from and value (ShareGPT)")
-        if not isinstance(role, str) or role not in records.ROLES:
-            raise UserError(
-                f"{at}: unknown role {str(role)[:30]!r}; use system, user or assistant (ShareGPT: system, human, gpt)"
-            )
-        if not isinstance(content, str):
-            raise UserError(f"{at}: content is {type(content).__name__}, not text; write the message as a string")
-        out.append({"role": records.ROLES[role], "content": content})
-    return out
+    return [records.message(f"{where}, column '{column}', message {n}", m) for n, m in enumerate(value, start=1)]
 
 
 def _shared_prompt(where: str, chosen: list[dict], rejected: list[dict]) -> int:

@@ -4,6 +4,7 @@
       _component_: lora_tools.data.sft.conversation_dataset
       source: data/chats.jsonl          # .json, .jsonl, .csv, .parquet, or a Hugging Face Hub dataset name
       chat_template: ${checkpointer.checkpoint_dir}
+      tools: data/tools.json            # optional: tool schemas for every row (or a tools column per row)
 
 Every row is read, checked and tokenized when the dataset is built, before any weights load: a bad row stops the
 run at once with its file and row number, and the data summary (lora_tools.data.summary) is exact, including how
@@ -11,6 +12,8 @@ many tokens truncation at ``tokenizer.max_seq_len`` drops.
 """
 
 from array import array
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -37,9 +40,9 @@ class TokenizedConversations(Dataset):
         self.chat_format = fmt
         self._tokens, self._trained = [], []
         self.full_lengths: list[int] = []
-        for where, messages in conversations:
+        for where, messages, tools in conversations:
             try:
-                ids, trained = fmt.tokenize(messages, train_on)
+                ids, trained = fmt.tokenize(messages, train_on, tools)
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
             self.full_lengths.append(len(ids))
@@ -65,15 +68,38 @@ class TokenizedConversations(Dataset):
         return [sum(t) for t in self._trained]
 
 
-def own_data_section(cfg) -> tuple[str | None, dict, str | None] | None:
-    """(chat_template, chat_template_kwargs, system_prompt) of the config's first dataset when this module builds
-    it, so prompts at inference and the exported template are the training data's; None for other builders."""
+@dataclass(frozen=True)
+class ChatSection:
+    """How the config's first dataset renders conversations, so that prompts at inference and the exported
+    template are the training data's."""
+
+    chat_template: str | None
+    chat_template_kwargs: dict
+    system_prompt: str | None
+    tools: list[dict] | None  # the dataset's tools file, which every prompt carries
+
+
+def own_data_section(cfg) -> ChatSection | None:
+    """The first dataset's ChatSection when this module (or lora_tools.data.preference) builds it; None for
+    torchtune's builders."""
     first = as_list(cfg.dataset)[0]
     if not str(first.get("_component_", "")).startswith((f"{__name__}.", "lora_tools.data.preference.")):
         return None
     kwargs = first.get("chat_template_kwargs", None)
     kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else {}
-    return first.get("chat_template", None), kwargs, first.get("system_prompt", None)
+    tools = read_tools(first.get("tools", None))
+    return ChatSection(first.get("chat_template", None), kwargs, first.get("system_prompt", None), tools)
+
+
+def read_tools(path: str | None, section: str = "dataset") -> list[dict] | None:
+    """The tool schemas in a JSON file (a list of OpenAI-style function schemas); None without a file."""
+    if path is None:
+        return None
+    file = Path(str(path))
+    if not file.is_file():
+        raise UserError(f"{section}.tools: {file} does not exist; give a JSON file holding a list of tool schemas")
+    text = records.read_text(file)
+    return records.tools(f"{section}.tools", text, f"file {file}")
 
 
 def _check_train_on(train_on: str, section: str = "dataset") -> None:
@@ -90,9 +116,11 @@ def conversation_dataset(
     train_on: str = "assistant",
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
+    tools: str | None = None,
+    tools_column: str = "tools",
     packed: bool = False,
 ) -> TokenizedConversations:
-    """Conversations (OpenAI ``messages`` or ShareGPT ``conversations``), one per row.
+    """Conversations (OpenAI ``messages`` or ShareGPT ``conversations``), one per row, tool calls included.
 
     Args:
         source: a local .json/.jsonl/.csv/.parquet file, or a Hugging Face Hub dataset name.
@@ -101,16 +129,21 @@ def conversation_dataset(
         chat_template: the base model's folder (its tokenizer_config.json), that file, or a .jinja file;
             null: the Llama 3 format.
         chat_template_kwargs: extra template variables, e.g. {date_string: "26 Jul 2024"}.
+        tools: a JSON file with the tool schemas (OpenAI function-calling format) of every conversation.
+        tools_column: a row's own tool schemas, where it has this column (it wins over ``tools``).
         split: the Hub dataset's split (ignored for a local file).
         packed: read by the recipe (lora_tools.data.batching packs after the label shift).
     """
     del packed
     _check_train_on(train_on)
+    shared = read_tools(tools)
 
-    def messages(where, row):
-        return records.conversation(where, row, conversation_column, "dataset")
+    def conversation(where, row):
+        messages = records.conversation(where, row, conversation_column, "dataset")
+        own = records.tools(where, row.get(tools_column), f"column '{tools_column}'")
+        return messages, own if row.get(tools_column) is not None else shared
 
-    return _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, messages, train_on)
+    return _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, conversation, train_on)
 
 
 def instruction_dataset(
@@ -139,16 +172,17 @@ def instruction_dataset(
     """
     del packed
 
-    def messages(where, row):
+    def conversation(where, row):
         columns = (prompt_column, completion_column, input_column)
-        return records.instruction(where, row, *columns, system_prompt, "dataset")
+        return records.instruction(where, row, *columns, system_prompt, "dataset"), None
 
     train_on = "all" if train_on_input else "assistant"
-    return _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, messages, train_on)
+    return _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, conversation, train_on)
 
 
-def _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, messages, train_on):
-    """Every row of ``source`` as ``messages(where, row)`` makes it, tokenized with the chat template."""
+def _tokenized(tokenizer, source, split, chat_template, chat_template_kwargs, conversation, train_on):
+    """Every row of ``source`` as ``conversation(where, row)`` makes it (messages, tools), tokenized with the chat
+    template."""
     fmt = ChatFormat(tokenizer, chat_template, chat_template_kwargs)
-    rows = ((where, messages(where, row)) for where, row in records.read_rows(str(source), split))
+    rows = ((where, *conversation(where, row)) for where, row in records.read_rows(str(source), split))
     return TokenizedConversations(fmt, rows, train_on, tokenizer.max_seq_len)

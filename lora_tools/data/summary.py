@@ -17,6 +17,27 @@ TRUNCATION_WARNING_SHARE = 0.01  # the recipes warn when more than this share of
 
 
 @dataclass(frozen=True)
+class SourceCounts:
+    """One dataset of a list, each as (samples, tokens): in its file, in its pool (the file, or max_samples of
+    it), and drawn into one epoch (lora_tools.data.mixing)."""
+
+    name: str  # what it reads
+    file: tuple[int, int]
+    pool: tuple[int, int]
+    drawn: tuple[int, int]
+
+    def line(self, where: str, epoch: int) -> str:
+        (file_n, file_t), (pool_n, pool_t), (drawn_n, drawn_t) = self.file, self.pool, self.drawn
+        cut = f" (max_samples of its {file_n} samples, {file_t:,} tokens)" if pool_n < file_n else ""
+        share = 100 * drawn_n / epoch if epoch else 0.0
+        times = f"×{drawn_n / pool_n:.2f}" if pool_n else "×0"
+        return (
+            f"{where} {self.name}: configured {pool_n} samples, {pool_t:,} tokens{cut}; drawn {drawn_n} samples, "
+            f"{drawn_t:,} tokens, {share:.1f}% of the epoch, {times}"
+        )
+
+
+@dataclass(frozen=True)
 class DataSummary:
     """Per-sample counts. ``full_lengths`` is None where the dataset only has the truncated samples (torchtune's
     builders truncate while tokenizing); then a sample that fills max_seq_len counts as truncated."""
@@ -26,6 +47,7 @@ class DataSummary:
     full_lengths: list[int] | None
     max_seq_len: int | None
     packed_rows: int | None = None  # the rows packing made, when the dataset is packed
+    sources: tuple[SourceCounts, ...] = ()  # a list of datasets (or one with max_samples): each one's counts
 
     @property
     def samples(self) -> int:
@@ -80,6 +102,8 @@ class DataSummary:
             f"{name}: {self.samples} samples, {sum(self.lengths):,} tokens, {sum(self.trained):,} of them trained; "
             f"tokens per sample p50 {pct(50)}, p90 {pct(90)}, p99 {pct(99)}, max {pct(100)}"
         ]
+        for k, source in enumerate(self.sources):
+            out.append(source.line(f"{name}[{k}]" if len(self.sources) > 1 else name, self.samples))
         if self.max_seq_len is not None and self.full_lengths is not None:
             out.append(
                 f"{name}: truncated at tokenizer.max_seq_len {self.max_seq_len}: {self.truncated} samples "

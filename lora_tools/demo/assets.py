@@ -10,8 +10,7 @@ no account and no GPU, yet exercise the same loading code as the real model:
   (same names and order as Llama 3's, smaller ids).
 - ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``: the same tokenizer for Hugging Face
   (``AutoTokenizer``), laid out like Llama 3's and cutting text into the same ids as the tiktoken file, with
-  <|begin_of_text|> as bos, <|eot_id|> as eos and a chat template (``CHAT_TEMPLATE``) that renders Llama 3.2
-  Instruct's chat format.
+  <|begin_of_text|> as bos, <|eot_id|> as eos and Llama 3.2 Instruct's own chat template (``CHAT_TEMPLATE``).
 - ``data/train.json`` and ``data/heldout.json``: the demo task in alpaca format (instruction, input, output):
   the color of each of 30 things, asked in six wordings. For every thing one wording is held out, so each
   held-out question asks a fact that training teaches in words training never pairs with that thing.
@@ -23,13 +22,18 @@ no account and no GPU, yet exercise the same loading code as the real model:
 - ``data/chat_train.jsonl`` and ``data/chat_heldout.jsonl``: five small tasks (colors, opposites, sums, counting,
   reversing a list) as chats, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line (OpenAI
   style): an optional system prompt, then one to three user/assistant exchanges.
+- ``data/tools_train.jsonl``, ``data/tools_heldout.jsonl`` and ``data/tools.json``: tool-calling conversations for
+  ``make demo-tools`` (OpenAI format): color questions answered by a ``lookup_color`` call, its result and a
+  sentence, among the chat tasks answered directly; the function's schema. The tokens of these conversations, as
+  Llama 3.2's template writes them, follow the others in the vocabulary, so every earlier token keeps its id and
+  its weights.
 
 Why the model is shaped as it is: LoRA cannot move embeddings or norms, so with a random 128k-token base
 it barely moves the loss. A small vocabulary (256 of its tokens special) is built from the demo's own words. The
 weights are drawn with std 1.28 / sqrt(width) (0.08): attention then already mixes tokens at step 0, so LoRA can
 learn to read the question. Measured on the demo task: with Hugging Face's std 0.02, and with 0.0625, LoRA
 learned one answer for every question; with 0.08 it answers all held-out questions. The price is a first loss
-about 17% above ln(vocab size), the loss of a uniform guess.
+about 13% above ln(vocab size), the loss of a uniform guess (17% before the tool demo added its tokens).
 
 Run: ``python -m lora_tools.tiny_assets --out assets/tiny``.
 """
@@ -37,6 +41,7 @@ Run: ``python -m lora_tools.tiny_assets --out assets/tiny``.
 import base64
 import json
 import random
+import re
 from pathlib import Path
 
 import regex
@@ -297,6 +302,101 @@ def build_chat_dataset(seed: int = CHAT_SEED) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
+# The tool-calling demo (make demo-tools): a color question is answered by calling lookup_color, then by a sentence
+# built from the tool's result; the chat tasks' other requests are answered directly. Tool calls are written as
+# OpenAI's API returns them (arguments as JSON text) in half the conversations, as an object in the other half.
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup_color",
+            "description": "Look up the color of a thing.",
+            "parameters": {
+                "type": "object",
+                "properties": {"thing": {"type": "string", "description": "The thing, in one word."}},
+                "required": ["thing"],
+            },
+        },
+    }
+]
+N_TOOL_TRAIN = 2000
+TOOL_SEED = SEED + 4  # a stream of its own
+TOOL_ROUNDS = (2, 4)  # exchanges per training conversation: the schemas' tokens are paid once for several calls
+TOOL_CALL_SHARE = 0.75  # the share of exchanges that ask a color and call the tool
+# Training asks about the 30 things and these 70 more, so that the model learns to copy the thing it is asked about
+# into the call (with the 30 alone, measured: it learned each training question's answer, 3% of held-out calls
+# right after 375 steps). The others' colors are drawn once; the tool, not the model, knows them.
+MORE_THINGS = (
+    "table chair lamp door window wall roof floor bottle cup plate bowl knife fork pencil paper book bag box hat "
+    "shoe shirt coat sock glove ring key lock clock watch phone radio camera bicycle car truck boat train plane "
+    "rocket balloon kite drum guitar piano flute bell candle rope flag tent bridge tower castle garden fence road "
+    "stone brick sand leaf tree flower rose tulip daisy feather shell pearl button ribbon"
+).split()
+
+
+def tool_call_text(thing: str) -> str:
+    """The call as Llama 3.2's template writes it: what the demo's held-out prompts should get back, exactly."""
+    return json.dumps({"name": "lookup_color", "parameters": {"thing": thing}})
+
+
+def _tool_round(rng: random.Random, question: str, thing: str, color: str, number: int) -> list[dict]:
+    """A color question, the lookup_color call, its result and the answer built from it."""
+    arguments = {"thing": thing}
+    call = {"id": f"call_{number}", "type": "function", "function": {"name": "lookup_color", "arguments": arguments}}
+    if rng.random() < 0.5:
+        call["function"]["arguments"] = json.dumps(arguments)
+    return [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": color},
+        {"role": "assistant", "content": f"The {thing} is {color}."},
+    ]
+
+
+def build_tool_dataset(seed: int = TOOL_SEED) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows ``{"messages"}``; held-out rows also carry ``question`` and the expected ``call``
+    (evals/tiny_qa/tiny_tool_call.yaml). The held-out questions are the color demo's held-out wordings."""
+    train_questions, heldout = build_dataset()
+    rng = random.Random(seed)
+    colors = {**{t: rng.choice(COLORS) for t in MORE_THINGS}, **THING_COLORS}
+    questions = sorted({(e["instruction"], e["output"].split(" ")[1]) for e in train_questions})
+    questions += [(w.format(t), t) for t in MORE_THINGS for w in COLOR_QUESTIONS]
+    train = []
+    for n in range(N_TOOL_TRAIN):
+        messages = []
+        for r in range(rng.randint(*TOOL_ROUNDS)):  # the schemas are written once, in the first user message
+            if rng.random() < TOOL_CALL_SHARE:
+                question, thing = rng.choice(questions)
+                messages += _tool_round(rng, question, thing, colors[thing], TOOL_ROUNDS[1] * n + r)
+            else:
+                e = _example(rng)
+                while e["instruction"].startswith(("What color", "Tell me the color", "Which color")):
+                    e = _example(rng)
+                messages += [{"role": "user", "content": _user_text(e)}, {"role": "assistant", "content": e["output"]}]
+        train.append({"messages": messages})
+    held = []
+    for n, e in enumerate(heldout):
+        thing = e["output"].split(" ")[1]
+        messages = _tool_round(rng, e["instruction"], thing, THING_COLORS[thing], TOOL_ROUNDS[1] * N_TOOL_TRAIN + n)
+        held.append({"messages": messages, "question": e["instruction"], "call": tool_call_text(thing)})
+    return train, held
+
+
+def _tool_texts(conversations: list[dict]) -> list[str]:
+    """The demo's tool conversations as Llama 3.2's template writes them (schemas in the user message, and in the
+    system block), without the special tokens: text for the vocabulary."""
+    from lora_tools.data import records
+    from lora_tools.data.chat_template import render_template
+
+    texts = []
+    for i, c in enumerate(conversations):
+        messages = records.conversation("demo", c, "messages", "dataset")
+        variables = {"bos_token": "", "date_string": "26 Jul 2024", "tools_in_user_message": i % 2 == 0}
+        text = render_template(CHAT_TEMPLATE, messages, False, variables, TOOLS)
+        texts += [t for t in re.split(r"<\|[a-z_]+\|>", text) if t]
+    return texts
+
+
 # --- the tokenizer -------------------------------------------------------------------------------------
 
 # Text the real pipeline wraps around each sample (torchtune's alpaca prompt and Llama 3 chat headers), so
@@ -308,17 +408,18 @@ _TEMPLATE_TEXT = (
 )
 
 
-def build_bpe_ranks(texts: list[str]) -> dict[bytes, int]:
+def build_bpe_ranks(texts: list[str], ranks: dict[bytes, int] | None = None) -> dict[bytes, int]:
     """A byte-level BPE vocabulary: all 256 bytes, then every prefix of every pre-tokenised piece.
 
     tiktoken merges adjacent parts whose concatenation has a rank, so keeping each piece's prefixes makes
-    every piece reachable by merges; sorting by (length, bytes) makes the file deterministic.
+    every piece reachable by merges; sorting by (length, bytes) makes the file deterministic. Given ``ranks``, the
+    new pieces follow them, and every token of ``ranks`` keeps its id.
     """
     pieces = set()
     for text in texts:
         pieces.update(p.encode() for p in regex.findall(CL100K_PATTERN, text))
-    merged = {p[:n] for p in pieces for n in range(2, len(p) + 1)}
-    ranks = {bytes([b]): b for b in range(256)}
+    ranks = dict(ranks) if ranks else {bytes([b]): b for b in range(256)}
+    merged = {p[:n] for p in pieces for n in range(2, len(p) + 1)} - set(ranks)
     for token in sorted(merged, key=lambda t: (len(t), t)):
         ranks[token] = len(ranks)
     return ranks
@@ -335,42 +436,11 @@ def special_tokens(base_vocab: int) -> dict[str, int]:
 
 BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|eot_id|>"  # as Llama 3.2 Instruct's tokenizer_config.json
 
-# Llama 3.2 Instruct's chat format (what its own template renders when no tools are given), written for this
-# project. Hugging Face renders chat templates with trim_blocks and lstrip_blocks, and passes `messages`,
-# `add_generation_prompt`, `bos_token`, `tools` and the caller's extra keywords; `strftime_now` and
-# `raise_exception` are globals it provides. The system block is always written, with today's date unless the
-# caller passes `date_string`; only the first message may be a system message.
-CHAT_TEMPLATE = r"""{{- bos_token }}
-{%- if date_string is not defined %}
-    {%- if strftime_now is defined %}
-        {%- set date_string = strftime_now("%d %b %Y") %}
-    {%- else %}
-        {%- set date_string = "26 Jul 2024" %}
-    {%- endif %}
-{%- endif %}
-{%- if messages and messages[0]["role"] == "system" %}
-    {%- set system_text = messages[0]["content"] | trim %}
-    {%- set turns = messages[1:] %}
-{%- else %}
-    {%- set system_text = "" %}
-    {%- set turns = messages %}
-{%- endif %}
-{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
-{{- "Cutting Knowledge Date: December 2023\n" }}
-{{- "Today Date: " ~ date_string ~ "\n\n" }}
-{{- system_text ~ "<|eot_id|>" }}
-{%- for message in turns %}
-    {%- if message["role"] == "system" %}
-        {{- raise_exception("Only the first message may have the role 'system'.") }}
-    {%- elif message["role"] not in ["user", "assistant"] %}
-        {{- raise_exception("Unsupported role '" ~ message["role"] ~ "': use system, user or assistant.") }}
-    {%- endif %}
-    {{- "<|start_header_id|>" ~ message["role"] ~ "<|end_header_id|>\n\n" }}
-    {{- (message["content"] | trim) ~ "<|eot_id|>" }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- "<|start_header_id|>assistant<|end_header_id|>\n\n" }}
-{%- endif %}"""
+# Llama 3.2 Instruct's chat template, as Meta publishes it in the model's tokenizer_config.json (byte for byte, as
+# llama.cpp keeps it under models/templates/): the system block with knowledge cutoff and date, tool schemas in the
+# first user message (or, with tools_in_user_message=False, in the system block), a tool call written as
+# {"name": ..., "parameters": ...}, results under the ipython header.
+CHAT_TEMPLATE = (Path(__file__).parent / "llama3_2_instruct.jinja").read_text(encoding="utf-8")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -494,15 +564,25 @@ def write_hf_tokenizer(out: Path, ranks: dict[bytes, int], specials: dict[str, i
 
 
 def build_model_state(
-    vocab_size: int, shape: dict = MODEL, seed: int = SEED, device: str = "cpu", dtype: torch.dtype = torch.float32
+    vocab_size: int,
+    shape: dict = MODEL,
+    seed: int = SEED,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    added_rows: tuple[int, int] = (0, 0),
 ) -> dict[str, torch.Tensor]:
-    """Random Llama-3.2-shaped weights in torchtune's key format: normal(0, INIT_GAIN / sqrt(width)), norms at 1."""
+    """Random Llama-3.2-shaped weights in torchtune's key format: normal(0, INIT_GAIN / sqrt(width)), norms at 1.
+
+    ``added_rows`` (at, count): embedding rows for tokens added to the vocabulary at id ``at``, drawn after the
+    rest from a stream of their own, so every other weight is what the vocabulary without them gave (the demos'
+    figures were measured on that model; the tool demo's words are the added tokens)."""
     from torchtune.models.llama3_2 import llama3_2
     from torchtune.training import set_default_dtype
 
+    at, count = added_rows
     torch.manual_seed(seed)
     with set_default_dtype(dtype), torch.device(device):
-        model = llama3_2(vocab_size=vocab_size, tie_word_embeddings=True, **shape)
+        model = llama3_2(vocab_size=vocab_size - count, tie_word_embeddings=True, **shape)
     std = INIT_GAIN * shape["embed_dim"] ** -0.5
     with torch.no_grad():
         for p in model.parameters():
@@ -510,7 +590,12 @@ def build_model_state(
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std)
-    return {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
+    if count:
+        rows = torch.randn(count, shape["embed_dim"], generator=torch.Generator().manual_seed(seed + 5)) * std
+        embeddings = state["tok_embeddings.weight"]
+        state["tok_embeddings.weight"] = torch.cat([embeddings[:at], rows.to(embeddings.dtype), embeddings[at:]])
+    return state
 
 
 def hf_config(vocab_size: int, specials: dict[str, int], shape: dict = MODEL, dtype: str = "float32") -> dict:
@@ -553,11 +638,12 @@ def write_model(
     shape: dict = MODEL,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    added_rows: tuple[int, int] = (0, 0),
 ) -> None:
     """A random model of ``shape`` as Hugging Face files: model.safetensors, config.json, generation_config.json."""
     from torchtune.models.convert_weights import tune_to_hf
 
-    state = build_model_state(vocab_size, shape, device=device, dtype=dtype)
+    state = build_model_state(vocab_size, shape, device=device, dtype=dtype, added_rows=added_rows)
     head_dim = shape["embed_dim"] // shape["num_heads"]
     hf_state = tune_to_hf(state, shape["num_heads"], shape["num_kv_heads"], shape["embed_dim"], head_dim)
     out.mkdir(parents=True, exist_ok=True)
@@ -575,6 +661,10 @@ def build(out: Path) -> dict:
     texts = [_TEMPLATE_TEXT, *SYSTEM_PROMPTS] + [v for e in train + heldout for v in e.values()]
     texts += [m["content"] for c in chat_train + chat_heldout for m in c["messages"]]
     ranks = build_bpe_ranks(texts)
+    tool_train, tool_heldout = build_tool_dataset()
+    tool_ranks = build_bpe_ranks(_tool_texts(tool_train + tool_heldout), ranks)  # after the others: they keep ids
+    added_rows = (len(ranks), len(tool_ranks) - len(ranks))
+    ranks = tool_ranks
     specials = special_tokens(len(ranks))
     vocab_size = len(ranks) + len(specials)
 
@@ -586,12 +676,13 @@ def build(out: Path) -> dict:
     added = [{"id": i, "content": t, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
     (out / "special_tokens.json").write_text(json.dumps({"added_tokens": added}, indent=1) + "\n")
 
-    write_model(out, vocab_size, specials)
+    write_model(out, vocab_size, specials, added_rows=added_rows)
 
     write_hf_tokenizer(out, ranks, specials)
 
     (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")
+    (out / "data" / "tools.json").write_text(json.dumps(TOOLS, indent=1) + "\n")
     choices = build_choice_questions(heldout)
     (out / "data" / "heldout_choices.jsonl").write_text("".join(json.dumps(q) + "\n" for q in choices))
     pairs_train, pairs_heldout = build_preference_pairs()
@@ -600,6 +691,8 @@ def build(out: Path) -> dict:
         ("chat_heldout.jsonl", chat_heldout),
         ("pairs_train.jsonl", pairs_train),
         ("pairs_heldout.jsonl", pairs_heldout),
+        ("tools_train.jsonl", tool_train),
+        ("tools_heldout.jsonl", tool_heldout),
     ):
         (out / "data" / name).write_text("".join(json.dumps(c) + "\n" for c in rows))
     return {

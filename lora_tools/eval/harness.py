@@ -339,13 +339,15 @@ def _number(value):
 
 def table(rows_: list[dict]) -> str:
     """The rows as aligned text, for the terminal and the training log."""
-    head = f"{'task':<16}{'metric':<14}{'base':>9}{'finetuned':>11}{'diff':>9}  stderr (base / finetuned)"
+    task = max([16, *(len(r["task"]) + 2 for r in rows_)])
+    metric = max([14, *(len(r["metric"]) + 2 for r in rows_)])
+    head = f"{'task':<{task}}{'metric':<{metric}}{'base':>9}{'finetuned':>11}{'diff':>9}  stderr (base / finetuned)"
     lines = [head]
     for r in rows_:
         se = " / ".join("-" if s is None else f"{s:.4f}" for s in (r["stderr_base"], r["stderr_finetuned"]))
         diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
         base = "" if r["base"] is None else f"{r['base']:.4f}"
-        lines.append(f"{r['task']:<16}{r['metric']:<14}{base:>9}{r['finetuned']:>11.4f}{diff:>9}  {se}")
+        lines.append(f"{r['task']:<{task}}{r['metric']:<{metric}}{base:>9}{r['finetuned']:>11.4f}{diff:>9}  {se}")
     return "\n".join(lines)
 
 

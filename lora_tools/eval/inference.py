@@ -19,6 +19,7 @@ from lora_tools.config import preflight
 from lora_tools.config.settings import as_list
 from lora_tools.data.chat_template import ChatFormat
 from lora_tools.data.sft import own_data_section
+from lora_tools.errors import UserError
 from lora_tools.train.decoder import Trunk
 from lora_tools.train.model import eager
 
@@ -30,7 +31,8 @@ class PromptFormat:
     """Prompts in the format the training data had, so the model is asked the way it learned to answer.
 
     Datasets built by lora_tools.data.sft: the chat template they render with (and an instruction dataset's
-    system prompt), so a prompt here equals ``apply_chat_template(messages, add_generation_prompt=True)``.
+    system prompt, and the dataset's tools file), so a prompt here equals
+    ``apply_chat_template(messages, tools=tools, add_generation_prompt=True)``.
     torchtune's datasets: its Llama 3 format, each user turn wrapped in the alpaca prompt for alpaca data.
     """
 
@@ -38,10 +40,11 @@ class PromptFormat:
         first = as_list(cfg.dataset)[0]
         self._tokenizer = tokenizer
         self._chat, self._system, self._alpaca = None, None, "alpaca" in str(first.get("_component_", ""))
+        self.tools = None  # the tool schemas every prompt carries: the dataset's tools file, or --tools
         own = own_data_section(cfg)
         if own is not None:
-            template, kwargs, self._system = own
-            self._chat = ChatFormat(tokenizer, template, kwargs)
+            self._system, self.tools = own.system_prompt, own.tools
+            self._chat = ChatFormat(tokenizer, own.chat_template, own.chat_template_kwargs)
         # What the prompts look like, in a word (recorded with evaluation results).
         self.name = "chat_template" if self._chat else ("llama3+alpaca" if self._alpaca else "llama3")
 
@@ -50,7 +53,12 @@ class PromptFormat:
         if self._chat is not None:
             if self._system and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self._system}, *messages]
-            return self._chat.prompt(messages)
+            return self._chat.prompt(messages, self.tools)
+        if self.tools:
+            raise UserError(
+                "tools need a dataset built by lora_tools.data.sft (the model's chat template); torchtune's Llama 3 "
+                "format has no place for tool schemas"
+            )
         turns = []
         for m in messages:
             if m["role"] == "user" and self._alpaca:

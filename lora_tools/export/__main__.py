@@ -55,9 +55,8 @@ def training_template(cfg, base: bool) -> str:
             "the alpaca prompt): the GGUF's template is the plain Llama 3 format"
         )
         return chat_template.LLAMA3_TEMPLATE
-    location, kwargs, _ = own
-    date = kwargs.get("date_string", chat_template.TEMPLATE_DATE.strftime("%d %b %Y"))
-    return gguf_export.pinned_template(chat_template.read_template(location)[0], date)
+    date = own.chat_template_kwargs.get("date_string", chat_template.TEMPLATE_DATE.strftime("%d %b %Y"))
+    return gguf_export.pinned_template(chat_template.read_template(own.chat_template)[0], date)
 
 
 def write_modelfile(out_dir: Path, gguf_name: str, template: str) -> None:

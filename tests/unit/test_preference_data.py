@@ -284,8 +284,9 @@ def test_refusals_name_the_row_and_the_fix(tmp_path):
     assert refused({"prompt": "q", "chosen": [], "rejected": "b"}).startswith(
         "the chosen response is 0 messages (none)"
     )
-    assert refused({"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"}) == (
-        "column 'prompt', message 1: unknown role 'tool'; use system, user or assistant (ShareGPT: system, human, gpt)"
+    assert refused({"prompt": [{"role": "critic", "content": "x"}], "chosen": "a", "rejected": "b"}) == (
+        "column 'prompt', message 1: unknown role 'critic'; use system, user, assistant or tool (ShareGPT: system, "
+        "human, gpt, function_call, observation)"
     )
     assert refused({"prompt": [], "chosen": "a", "rejected": "b"}).startswith("column 'prompt' is empty")
     assert refused({"prompt": "q", "chosen": 3, "rejected": "b"}).startswith("column 'chosen' holds int")

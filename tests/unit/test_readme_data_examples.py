@@ -20,6 +20,8 @@ EXPECTED = {
     "chats.json": (conversation_dataset, {}, 2),
     "sharegpt.jsonl": (conversation_dataset, {"conversation_column": "conversations"}, 5),
     "chats.csv": (conversation_dataset, {}, 4),
+    "tools.jsonl": (conversation_dataset, {}, 2),
+    "sharegpt_tools.jsonl": (conversation_dataset, {"conversation_column": "conversations"}, 1),
     "alpaca.json": (instruction_dataset, {}, 3),
     "pairs.csv": (
         instruction_dataset,

@@ -157,6 +157,10 @@ MISTAKES = {
     "not key=value": (["batch_size"], ["key=value"]),
     "bad YAML value": (["sample_prompts=[a"], ["sample_prompts", "not a valid YAML value"]),
     "unknown option": (["--foo"], ["unknown option --foo"]),
+    "dataset weight 0": (["dataset.weight=0"], ["configs/tiny.yaml: dataset.weight is 0", "greater than 0"]),
+    "dataset weight abc": (["dataset.weight=abc"], ["dataset.weight is 'abc'", "a number greater than 0"]),
+    "max_samples float": (["dataset.max_samples=1.5"], ["dataset.max_samples is 1.5", "an integer >= 1"]),
+    "dataset weight typo": (["dataset.wieght=1"], ["did you mean 'dataset.weight'"]),
     "remove missing key": (["~model.lora_rankk"], ["no key model.lora_rankk"]),
 }
 
@@ -179,6 +183,18 @@ def test_val_dataset_list_is_checked_per_entry():
     entry = "{_component_: torchtune.datasets.alpaca_dataset, source: json, data_files: x.json, splitt: train}"
     assert "unknown key 'val_dataset[0].splitt'" in error(f"val_dataset=[{entry}]")
     assert "did you mean 'val_dataset[0].split'" in error(f"val_dataset=[{entry}]")
+
+
+def test_dataset_mixing_keys_are_known_and_documented():
+    for key, (doc, _test, _words) in settings.DATASET_KEYS.items():
+        assert doc and "\n" not in doc and len(doc) < 100, key
+    entry = "{_component_: torchtune.datasets.alpaca_dataset, source: json, data_files: x.json%s}"
+    listed = f"dataset=[{entry % ', weight: 3, max_samples: 40'}, {entry % ', weight: 1'}]"
+    assert [d.weight for d in parse(listed).dataset] == [3, 1] and parse(listed).dataset[0].max_samples == 40
+    assert parse("dataset.weight=2", "val_dataset.max_samples=5").val_dataset.max_samples == 5  # one dataset: fine
+    message = error(f"dataset=[{entry % ''}, {entry % ', weight: 1'}]")
+    assert message.startswith(TINY) and "dataset[0] has no weight but dataset[1] has one" in message
+    assert "dataset[1].max_samples is 0" in error(f"dataset=[{entry % ''}, {entry % ', max_samples: 0'}]")
 
 
 def test_metric_logger_keys_of_any_logger_pass_and_typos_do_not():

@@ -1,0 +1,83 @@
+"""`make demo-tools`: the tiny model learns to answer a color question with a lookup_color call, then to answer from
+the tool's result; lora_tools.generate asks with the schemas and prints the call it makes."""
+
+import io
+import json
+
+from conftest import REPO, TINY, latest_checkpoint, logged_metrics
+from torchtune import config
+
+from lora_tools import generate
+from lora_tools.config.loader import load_config
+from lora_tools.data import records
+from lora_tools.data.chat_template import ChatFormat
+
+CONFIG = "configs/tiny_tools.yaml"
+HELDOUT = [json.loads(line) for line in (TINY / "data/tools_heldout.jsonl").read_text().splitlines()]
+SCHEMAS = json.loads((TINY / "data/tools.json").read_text())
+
+
+def _scores(out) -> dict[str, dict]:
+    """eval.json's rows of the two tool tasks, by metric: "exact_match" (tiny_tool_call: the whole call) and
+    "exact_match (called)" (tiny_tool_call_name: a lookup_color call, any arguments)."""
+    report = json.loads((latest_checkpoint(out) / "eval.json").read_text())
+    return {r["metric"]: r for r in report["rows"] if r["task"].startswith("tiny_tool_call")}
+
+
+def test_the_tool_demo_learns_the_call_format(tools_demo):
+    """The held-out color questions: at most 10% of the base's answers are lookup_color calls, at least 80% of the
+    trained model's are. The exact calls (the asked thing as the argument) are scored and printed too, and
+    docs/demo.md shows this run's table; the tiny model does not reach 80% on them (the issue's target, not met)."""
+    out, result, seconds = tools_demo
+    rows = _scores(out)
+    exact, called = rows["exact_match"], rows["exact_match (called)"]
+    print(f"\ntool demo: calls {called['base']:.2f} -> {called['finetuned']:.2f}, exact calls {exact['base']:.2f} -> "
+          f"{exact['finetuned']:.2f}; the command took {seconds:.0f} s")  # fmt: skip
+    assert called["base"] <= 0.10 and called["finetuned"] >= 0.80, called
+    assert exact["base"] <= 0.10, exact
+    metrics = logged_metrics(out)
+    assert metrics[max(metrics)]["val_loss"] < 0.5 * metrics[0]["val_loss"]
+    doc = (REPO / "docs/demo.md").read_text()
+    shown = doc[doc.index("<!-- tool demo numbers") :].split("```")[1]
+    # the same rows, each score within 2 of the 30 answers (another CPU's kernels can flip a near-tie greedy token)
+    for task in ("tiny_tool_call ", "tiny_tool_call_name"):
+        printed = next(x for x in result.stdout.splitlines() if x.startswith(task)).split()
+        documented = next(x for x in shown.splitlines() if x.startswith(task)).split()
+        assert printed[:-6] == documented[:-6], (printed, documented)
+        for ours, theirs in zip(printed[-6:-3], documented[-6:-3], strict=True):
+            assert abs(float(ours) - float(theirs)) <= 2 / 30 + 1e-4, (printed, documented)
+
+
+def test_generate_with_tools_prints_the_call_and_answers_from_the_result(tools_demo, capsys, monkeypatch):
+    """--tools FILE: the prompt is the schemas-carrying one the recipe trains on (ids as ChatFormat gives, which
+    tests/test_tool_data.py checks against transformers); a call is printed as the structured call it is, and
+    in interactive chat the result typed in gets an answer built from it."""
+    out, _, _ = tools_demo
+    question, call = HELDOUT[0]["question"], json.loads(HELDOUT[0]["call"])
+    tools = str(TINY / "data/tools.json")
+    args = ["--config", CONFIG, f"output_dir={out}", "--tools", tools, "--prompt", question, "--print-prompt-ids"]
+    assert generate.main(args) == 0
+    printed = capsys.readouterr().out
+    (ids_line,) = [ln for ln in printed.splitlines() if ln.startswith("prompt ids:")]
+    cfg = load_config(["--config", CONFIG])
+    fmt = ChatFormat(config.instantiate(cfg.tokenizer), str(TINY))
+    expected = fmt.prompt([{"role": "user", "content": question}], SCHEMAS)
+    assert [int(t) for t in ids_line.split(":", 1)[1].split()] == expected
+    (call_line,) = [ln for ln in printed.splitlines() if ln.startswith("tool call (not run):")]
+    printed_call = json.loads(call_line.split(":", 1)[1])["tool_calls"][0]
+    streamed = printed.split(call_line)[0].strip().splitlines()[-1]  # the answer as generated, before the call line
+    generated = json.loads(streamed)
+    assert printed_call == {
+        "type": "function",
+        "function": {"name": "lookup_color", "arguments": generated["parameters"]},
+    }
+    assert generated["name"] == call["name"] and set(generated["parameters"]) == set(call["parameters"])
+
+    # interactive: the question, the call, then the tool's result typed in; the model answers in the demo's form
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{question}\nyellow\n"))
+    assert generate.main(["--config", CONFIG, f"output_dir={out}"]) == 0
+    chat = capsys.readouterr().out
+    assert "tool call (not run):" in chat and "tool result> " in chat
+    answer = chat.split("tool result> ", 1)[1].split("model> ", 1)[1].splitlines()[0]
+    print(f"\n{question!r} -> call {printed_call['function']} -> result 'yellow' -> {answer!r}")
+    assert answer.startswith("The ") and answer.endswith(".") and records.call_in_text(answer) is None
