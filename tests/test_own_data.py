@@ -329,16 +329,18 @@ def test_each_format_trains_the_tiny_model(name, tmp_path, caplog):
 def test_recipe_warns_once_when_samples_are_cut(tmp_path, caplog):
     """More than 1% of samples longer than max_seq_len: one warning line, with the count."""
     path = write_format(tmp_path, "jsonl", _chat_rows(40))
+    full = conversation_dataset(_tokenizer(), str(path), chat_template=str(TINY))  # no max_seq_len: not cut
+    lengths = sorted(len(full[i]["tokens"]) for i in range(40))
+    limit = lengths[30]  # the 9 or so samples longer than the 31st are cut
+    cut = sum(n > limit for n in lengths)
+    assert 0.01 * 40 < cut < 40
     args = [
         f"output_dir={tmp_path}/out", f"dataset.source={path}", "val_dataset=null", "sample_prompts=[]",
-        "max_steps_per_epoch=1", "batch_size=4", "save_adapter_weights_only=True", "tokenizer.max_seq_len=170",
+        "max_steps_per_epoch=1", "batch_size=4", "save_adapter_weights_only=True", f"tokenizer.max_seq_len={limit}",
     ]  # fmt: skip
     assert _run_recipe(CHAT_CONFIG, args) == 0
     text = caplog.text
-    full = conversation_dataset(_tokenizer(), str(path), chat_template=str(TINY))  # no max_seq_len: not cut
-    cut = sum(len(full[i]["tokens"]) > 170 for i in range(40))
-    assert 0.01 * 40 < cut < 40
-    warnings = [ln for ln in text.splitlines() if "are longer than tokenizer.max_seq_len=170" in ln]
+    warnings = [ln for ln in text.splitlines() if f"are longer than tokenizer.max_seq_len={limit}" in ln]
     assert len(warnings) == 1 and f"{cut} of 40 samples" in warnings[0], warnings
 
 

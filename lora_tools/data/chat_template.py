@@ -77,13 +77,15 @@ def render_template(
     template: str, messages: list[dict], add_generation_prompt: bool, variables: dict, tools: list[dict] | None = None
 ) -> str:
     """A chat template rendered as transformers renders it (for a template that is not a model's file)."""
-    return (
-        _environment()
-        .from_string(template)
-        .render(
-            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **variables
-        )
+    return _compiled(template).render(
+        messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **variables
     )
+
+
+@cache
+def _compiled(template: str) -> jinja2.Template:
+    """A template compiled once (compiling takes far longer than rendering)."""
+    return _environment().from_string(template)
 
 
 def _token_text(value) -> str | None:
