@@ -166,7 +166,7 @@ class ChatFormat:
     def __init__(self, tokenizer, location: str | None = None, variables: dict | None = None):
         template, special, self.source = read_template(location)
         try:
-            self._template = _environment().from_string(template)
+            self._template = _compiled(template)
         except jinja2.TemplateSyntaxError as e:
             raise UserError(f"{self.source} does not parse (line {e.lineno}: {e.message})")
         if not hasattr(getattr(tokenizer, "tt_model", None), "tt_model"):
