@@ -308,3 +308,18 @@ def chat_demo(tmp_path_factory):
 def tools_demo(tmp_path_factory):
     """`make demo-tools` once per session, through the real `tune run`: (output_dir, result, seconds)."""
     return _shared_run(tmp_path_factory, "tools_demo")
+
+
+def assistant_spans(ids: list[int], header: list[int], eot: int) -> list[bool]:
+    """The trained mask a chat sample should have, read off its ids alone: after each assistant header, up to and
+    including the next end-of-turn token."""
+    trained, i = [False] * len(ids), 0
+    while i < len(ids):
+        if ids[i : i + len(header)] == header:
+            i += len(header)
+            while ids[i] != eot:
+                trained[i] = True
+                i += 1
+            trained[i] = True
+        i += 1
+    return trained

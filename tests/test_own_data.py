@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HF_PYTHON, REPO, TINY, logged_metrics
+from conftest import HF_PYTHON, REPO, TINY, assistant_spans, logged_metrics
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.models.llama3 import llama3_tokenizer
 
@@ -104,21 +104,6 @@ def hf(tmp_path_factory):
     return out
 
 
-def _assistant_spans(ids: list[int], header: list[int], eot: int) -> list[bool]:
-    """Expected trained mask, read off the token ids alone: after each assistant header, up to and including
-    the next end-of-turn token."""
-    trained, i = [False] * len(ids), 0
-    while i < len(ids):
-        if ids[i : i + len(header)] == header:
-            i += len(header)
-            while ids[i] != eot:
-                trained[i] = True
-                i += 1
-            trained[i] = True
-        i += 1
-    return trained
-
-
 def test_conversations_match_transformers_token_for_token(tmp_path, hf):
     """The recipe's tokens equal apply_chat_template's; the trained tokens are the assistant turns' content and
     their end-of-turn tokens, nothing else."""
@@ -131,7 +116,7 @@ def test_conversations_match_transformers_token_for_token(tmp_path, hf):
         sample = ds[i]
         assert sample["tokens"] == expected["ids"], (i, expected["text"])
         trained = [label != CROSS_ENTROPY_IGNORE_IDX for label in sample["labels"]]
-        assert trained == _assistant_spans(expected["ids"], header, eot), i
+        assert trained == assistant_spans(expected["ids"], header, eot), i
         assert all(label == tok for label, tok in zip(sample["labels"], sample["tokens"], strict=True) if label >= 0)
     # the system block Llama 3.2's template always writes is there, with or without a system message
     assert all(
@@ -168,7 +153,7 @@ def test_generation_prompt_matches_transformers(hf):
 def test_train_on_last_and_all(tmp_path, hf):
     source = _write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[3]}])
     ids = hf["conversations"][3]["ids"]
-    every = _assistant_spans(ids, hf["assistant_header"], hf["eot"])
+    every = assistant_spans(ids, hf["assistant_header"], hf["eot"])
     last = conversation_dataset(_tokenizer(), str(source), train_on="last", chat_template=str(TINY))[0]
     last_trained = [label >= 0 for label in last["labels"]]
     start = max(i for i, t in enumerate(every) if t and not every[i - 1])

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import HF_PYTHON, REPO, TINY
+from conftest import HF_PYTHON, REPO, TINY, assistant_spans
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.models.llama3 import llama3_tokenizer
 
@@ -127,20 +127,6 @@ def _datasets(tmp_path: Path, conversations: list[dict], parts: bool = False) ->
     return samples
 
 
-def _trained_spans(ids: list[int], header: list[int], eot: int) -> list[bool]:
-    """The expected mask, read off the ids: after each assistant header, up to and including its end-of-turn."""
-    trained, i = [False] * len(ids), 0
-    while i < len(ids):
-        if ids[i : i + len(header)] == header:
-            i += len(header)
-            while ids[i] != eot:
-                trained[i] = True
-                i += 1
-            trained[i] = True
-        i += 1
-    return trained
-
-
 def test_tool_conversations_match_transformers_token_for_token(tmp_path, hf):
     """Ids equal apply_chat_template's with tools=; trained: the assistant turns, each call's JSON and end-of-turn
     included, and no token of a tool result or of the schemas."""
@@ -149,7 +135,7 @@ def test_tool_conversations_match_transformers_token_for_token(tmp_path, hf):
     for i, (sample, expected) in enumerate(zip(_datasets(tmp_path, CONVERSATIONS), hf["conversations"], strict=True)):
         assert sample["tokens"] == expected["ids"], (i, expected["text"])
         trained = [label != CROSS_ENTROPY_IGNORE_IDX for label in sample["labels"]]
-        assert trained == _trained_spans(expected["ids"], header, eot), i
+        assert trained == assistant_spans(expected["ids"], header, eot), i
         text = expected["text"]
         assert "Environment: ipython\n" in text and '{"name": "get_weather", "parameters": {"city": ' in text
         assert text.count("<|start_header_id|>ipython<|end_header_id|>") == sum(
