@@ -464,6 +464,7 @@ class LoRAFinetuneRecipe(FTRecipeInterface):
         if self._strategy.is_main:
             adapter = checkpoints.load_recipe_state(self.last_checkpoint)["adapter"]
             base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+            base = hf_export.as_trained(base, self._cfg.model, self.cfg.qlora_merge_base, self._dtype)
             spec, base_dir = self._adapter_spec, Path(self.cfg.checkpointer.checkpoint_dir)
             self.merged_model = hf_export.write_merged_model(self.last_checkpoint, base, adapter, spec, base_dir)
         self._strategy.barrier()

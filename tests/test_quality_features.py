@@ -10,11 +10,13 @@ import torch
 from conftest import REPO, TINY_CONFIG, hf_logits, logged_metrics, offline_env, recipe_logits, tiny_cfg, tune
 from omegaconf import OmegaConf
 from torchao.dtypes.nf4tensor import NF4Tensor
+from torchtune.modules.peft import get_merged_lora_ckpt
 
+from bench.qlora_merge import answers, heldout_loss
 from lora_finetune_single_device import LoRAFinetuneRecipe
-from lora_tools.checkpoints import latest_checkpoint
+from lora_tools.checkpoints import latest_checkpoint, load_recipe_state
 from lora_tools.config import settings
-from lora_tools.eval.inference import PromptFormat
+from lora_tools.eval.inference import PromptFormat, load_model
 
 
 def run_tiny(out, *overrides):
@@ -83,6 +85,24 @@ def test_qlora_on_the_tiny_model(tmp_path):
     hf = hf_logits(recipe.last_checkpoint, tmp_path)
     assert torch.isfinite(hf["peft"]).all()
     assert (hf["peft"] - hf["base"]).abs().max().item() > 0.1
+
+    # The merged model (qlora_merge_base's default, dequantized) scores as the trained NF4 model did; merged into
+    # the original weights instead, it drifts (bench/results/qlora_merge.json has the full comparison).
+    loader, prompt_format = recipe._val_dataloader, PromptFormat(cfg, recipe._tokenizer)
+    heldout = json.loads((REPO / "assets/tiny/data/heldout.json").read_text())
+    prompts = [prompt_format.tokens([{"role": "user", "content": e["instruction"]}]) for e in heldout[:10]]
+    trained = recipe._model.eval()
+    scores = {"trained": (heldout_loss(trained, loader), answers(trained, prompts, recipe._tokenizer))}
+    merged, _ = load_model(cfg, None, merged=True)
+    scores["default"] = (heldout_loss(merged, loader), answers(merged, prompts, recipe._tokenizer))
+    state = recipe._checkpointer.load_checkpoint()["model"] | load_recipe_state(recipe.last_checkpoint)["adapter"]
+    spec = recipe._adapter_spec
+    merged.load_state_dict(get_merged_lora_ckpt(state, rank=spec.rank, alpha=spec.alpha), strict=False)
+    scores["original"] = (heldout_loss(merged, loader), answers(merged, prompts, recipe._tokenizer))
+    loss = scores["trained"][0]
+    assert abs(scores["default"][0] - loss) <= 0.01 * loss
+    assert scores["default"][1] == scores["trained"][1]
+    assert scores["original"][0] != scores["default"][0]
 
 
 def test_generate_returns_the_argmax_tokens_of_the_recipes_model(tmp_path):

@@ -64,6 +64,7 @@ SEED_RANGE = (lambda v: 0 <= v < 2**32, "from 0 to 4294967295")  # torchtune's r
 DTYPES = (lambda v: v in ("bf16", "fp32"), "bf16 or fp32")
 BUDGET = (lambda v: v == "auto" or parse_size(v) is not None, "auto or a size like 24GiB, 16GB or 8000MiB")
 SHARE = (lambda v: 0 <= v <= 1, "from 0 to 1")
+MERGE_BASES = (lambda v: v in ("dequantized", "original"), "dequantized or original")
 
 SIZE_UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
 
@@ -159,6 +160,11 @@ class RecipeSettings:
     save_every_n_steps: int | None = setting("write a checkpoint every N steps and at the end", None, rule=POSITIVE)
     keep_last_n: int | None = setting("keep only the newest N step checkpoints; null: keep all", None, rule=POSITIVE)
     save_adapter_weights_only: bool = setting("write the adapter only, not the merged model", False)
+    qlora_merge_base: str = setting(
+        "QLoRA: merge into the NF4 base as trained (dequantized) or the original weights",
+        "dequantized",
+        rule=MERGE_BASES,
+    )
     run_val_every_n_steps: int | None = setting("score val_dataset every N steps", None, rule=POSITIVE)
     early_stopping_patience: int | None = setting("stop after N evals without a new best loss", None, rule=POSITIVE)
     sample_prompts: list[str] = setting("prompts answered (greedy) during and after training; null: none", [])

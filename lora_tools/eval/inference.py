@@ -21,7 +21,7 @@ from lora_tools.data.chat_template import ChatFormat
 from lora_tools.data.sft import own_data_section
 from lora_tools.errors import UserError
 from lora_tools.train.decoder import Trunk
-from lora_tools.train.model import eager
+from lora_tools.train.model import eager, is_qlora
 
 # (tokens [1, n], input_pos [1, n], mask [1, n, total]) -> logits of the last position [vocabulary]
 NextTokenLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -117,8 +117,9 @@ def load_model(cfg: DictConfig, checkpoint: Path | None, merged: bool) -> tuple[
     if merged:
         ckpt_cfg = OmegaConf.merge(ckpt_cfg, {"checkpoint_dir": str(checkpoint / checkpoints.MERGED)})
         ckpt_cfg.checkpoint_files = ["model.safetensors"]
+    unquantized = {"quantize_base": False} if merged and is_qlora(cfg.model) else {}  # merged: plain weights
     with training.set_default_dtype(dtype), device:
-        model = config.instantiate(cfg.model)
+        model = config.instantiate(cfg.model, **unquantized)
     model.load_state_dict(config.instantiate(ckpt_cfg).load_checkpoint()[training.MODEL_KEY], strict=False)
     if merged:  # the merged weights already hold the update: make the adapters a no-op so it is not applied twice
         for name, p in model.named_parameters():

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from torchtune import config, training, utils
 
@@ -30,14 +31,18 @@ from lora_tools.export import gguf_export, hf_export
 log = utils.get_logger("INFO")
 
 
-def export(cfg, checkpoint: Path | None) -> Path:
+def export(loaded: loader.Loaded, checkpoint: Path | None) -> Path:
     """Merge the checkpoint's adapter into the config's base weights; returns the model/ folder written."""
+    cfg, merge_base = loaded.cfg, loaded.settings.qlora_merge_base
     preflight.check_model_files(cfg)
     checkpoint = checkpoints.resolve(cfg.output_dir, checkpoint)
     adapter = checkpoints.load_recipe_state(checkpoint)["adapter"]
     # torchtune's checkpointer wants an output_dir; it writes nothing there when only loading.
     ckpt_cfg = OmegaConf.merge(cfg.checkpointer, {"output_dir": str(checkpoint)})
     base = config.instantiate(ckpt_cfg).load_checkpoint()[training.MODEL_KEY]
+    base = hf_export.as_trained(
+        base, cfg.model, merge_base, training.get_dtype(loaded.settings.dtype, torch.device("cpu"))
+    )
     spec = hf_export.AdapterSpec.from_model_config(cfg.model)
     return hf_export.write_merged_model(checkpoint, base, adapter, spec, Path(cfg.checkpointer.checkpoint_dir))
 
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
     if not args.gguf and (args.base or args.quant != "f16"):
         return fail("--quant and --base go with --gguf; add --gguf")
     try:
-        cfg = loader.load(["--config", args.config, *overrides]).cfg  # the same typo and value checks as training
+        loaded = loader.load(["--config", args.config, *overrides])  # the same typo and value checks as training
+        cfg = loaded.cfg
         if not args.base:  # a run still writing the checkpoints: wait for it
             lock.check_not_running(cfg.output_dir, args.checkpoint)
         if args.gguf:
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
             for path in files:
                 print(f"GGUF: {path} ({path.stat().st_size / 1e6:.1f} MB)")
             return 0
-        folder = export(cfg, args.checkpoint)
+        folder = export(loaded, args.checkpoint)
     except UserError as e:
         return fail(str(e))
     print(f"merged model (HF): {folder}")

@@ -5,6 +5,7 @@ its folder, the Hub id recorded at download time) is read here from the checkpoi
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,34 @@ def merged_hf_weights(
     state.update({k: v.to(base_dtype(base)) for k, v in adapter.items()})
     merged = get_merged_lora_ckpt(state, rank=spec.rank, alpha=spec.alpha)
     return convert_weights.tune_to_hf(merged, **_heads(hf_config))
+
+
+# torchtune's QLoRA builders hold every linear weight of the transformer layers in NF4, the LoRA targets' bases and
+# the other projections alike; the embedding (the tied output too) and the norms stay as loaded.
+NF4_WEIGHT = re.compile(r"layers\.\d+\.(attn\.(q|k|v|output)_proj|mlp\.w[123])\.weight")
+
+
+def as_trained(
+    base: dict[str, torch.Tensor], model_cfg, merge_base: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The base weights (torchtune keys) that the adapter is merged into, changed in place.
+
+    A QLoRA adapter was trained against the NF4-quantized base. With ``merge_base`` "dequantized", each weight
+    torchtune holds in NF4 is quantized as training quantized it (torchao's ``to_nf4``, in the training dtype,
+    with the model section's block sizes) and dequantized again, so that the merged model computes what training
+    computed; "original" keeps the weights as loaded (docs/export.md compares the two). Other models: unchanged.
+    """
+    from lora_tools.train.model import is_qlora
+
+    if merge_base != "dequantized" or not is_qlora(model_cfg):
+        return base
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    sizes = {k: model_cfg[k] for k in ("block_size", "scaler_block_size") if model_cfg.get(k) is not None}
+    for key, weight in base.items():
+        if NF4_WEIGHT.fullmatch(key):
+            base[key] = to_nf4(weight.to(dtype), **sizes).get_original_weight().to(weight.dtype)
+    return base
 
 
 def base_dtype(base: dict[str, torch.Tensor]) -> torch.dtype:
