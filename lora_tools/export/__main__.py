@@ -5,6 +5,7 @@ and GGUF files for llama.cpp and Ollama.
     python -m lora_tools.export --config ... --checkpoint outputs/.../checkpoints/step_0000300
     python -m lora_tools.export --config ... --gguf --quant q8_0,q4_k_m     # + checkpoint/gguf/, from model/
     python -m lora_tools.export --config ... --gguf --base                  # the base model: output_dir/base-gguf/
+    python -m lora_tools.export --config ... --vllm      # the `vllm serve` lines for the checkpoint (docs/serving.md)
 
 Training writes the merged model only into the last checkpoint of a run, so that a step checkpoint (or a
 stop on Ctrl-C/SIGTERM) saves just the small adapter and the resume state. This command adds ``model/`` to
@@ -26,7 +27,7 @@ from lora_tools.config.settings import as_list
 from lora_tools.data import chat_template
 from lora_tools.data.sft import own_data_section
 from lora_tools.errors import UserError, fail
-from lora_tools.export import gguf_export, hf_export
+from lora_tools.export import gguf_export, hf_export, vllm_serve
 
 log = utils.get_logger("INFO")
 
@@ -106,6 +107,17 @@ def export_gguf(cfg, checkpoint: Path | None, base: bool, quants: list[str]) -> 
     return files
 
 
+def print_vllm(loaded: loader.Loaded, checkpoint: Path | None) -> None:
+    """The training template next to the adapter, then the `vllm serve` commands that use it."""
+    checkpoint = checkpoints.resolve(loaded.cfg.output_dir, checkpoint)
+    template = vllm_serve.write_template(checkpoint, training_template(loaded.cfg, base=False))
+    commands, notes = vllm_serve.serve_lines(loaded.cfg, loaded.settings.dtype, checkpoint, template)
+    for command in commands:
+        print(command)
+    for note in notes:
+        log.warning(note)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the config the checkpoint was trained with")
@@ -115,6 +127,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quant", default="f16", help="with --gguf: f16 and/or quantizations, e.g. f16,q8_0,q4_k_m")
     parser.add_argument("--base", action="store_true", help="with --gguf: export the base model instead")
+    parser.add_argument("--vllm", action="store_true", help="print the `vllm serve` commands for the checkpoint")
     args, overrides = parser.parse_known_args(argv)
     if not args.gguf and (args.base or args.quant != "f16"):
         return fail("--quant and --base go with --gguf; add --gguf")
@@ -123,6 +136,9 @@ def main(argv=None) -> int:
         cfg = loaded.cfg
         if not args.base:  # a run still writing the checkpoints: wait for it
             lock.check_not_running(cfg.output_dir, args.checkpoint)
+        if args.vllm:
+            print_vllm(loaded, args.checkpoint)
+            return 0
         if args.gguf:
             try:
                 files = export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant))
