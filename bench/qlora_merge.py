@@ -8,8 +8,8 @@ for token with the trained model's):
 - original: the adapter merged into the original fp32 weights (qlora_merge_base: original);
 - dequantized: the adapter merged into the NF4-dequantized weights (qlora_merge_base: dequantized).
 
-    python -m bench.qlora_merge              # writes bench/results/qlora_merge-600-steps.json
-    python -m bench.qlora_merge --steps 60   # earlier in training: qlora_merge-60-steps.json
+    python -m bench.qlora_merge              # writes bench/results/qlora/merge-600-steps.json
+    python -m bench.qlora_merge --steps 60   # earlier in training: merge-60-steps.json
 """
 
 import argparse
@@ -51,9 +51,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--out", type=Path, help="default: bench/results/qlora_merge-<steps>-steps.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results/qlora/merge-<steps>-steps.json")
     args = parser.parse_args()
-    args.out = args.out or REPO / "bench" / "results" / f"qlora_merge-{args.steps}-steps.json"
+    args.out = args.out or REPO / "bench" / "results" / "qlora" / f"merge-{args.steps}-steps.json"
 
     from torchtune import config, training
     from torchtune.models import convert_weights

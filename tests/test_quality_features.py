@@ -87,7 +87,7 @@ def test_qlora_on_the_tiny_model(tmp_path):
     assert (hf["peft"] - hf["base"]).abs().max().item() > 0.1
 
     # The merged model (qlora_merge_base's default, dequantized) scores as the trained NF4 model did; merged into
-    # the original weights instead, it drifts (bench/results/qlora_merge.json has the full comparison).
+    # the original weights instead, it drifts (bench/results/qlora/ has the full comparison).
     loader, prompt_format = recipe._val_dataloader, PromptFormat(cfg, recipe._tokenizer)
     heldout = json.loads((REPO / "assets/tiny/data/heldout.json").read_text())
     prompts = [prompt_format.tokens([{"role": "user", "content": e["instruction"]}]) for e in heldout[:10]]

@@ -31,24 +31,24 @@ def write_template(checkpoint: Path, template: str) -> Path:
 
 
 def serve_lines(cfg, dtype: str, checkpoint: Path, template: Path) -> tuple[list[str], list[str]]:
-    """(commands, notes): ``vllm serve`` for base + adapter (unless vLLM cannot serve the adapter) and for the
-    merged model (when the checkpoint has one), and what to know about them."""
+    """(commands, notes): ``vllm serve`` for base + adapter (not for DoRA, which vLLM lacks, nor QLoRA, trained on
+    another base) and for the merged model (when the checkpoint has one), and what to know about them."""
     spec = AdapterSpec.from_model_config(cfg.model)
     common = ["--chat-template", str(template), "--dtype", VLLM_DTYPES[dtype]]
     commands, notes = [], []
     if spec.dora:
         notes.append("vLLM does not serve DoRA adapters; serve the merged model")
+    elif is_qlora(cfg.model):
+        notes.append(
+            "QLoRA: vLLM would apply the adapter to the full-precision base, not the NF4 one it was trained on "
+            "(docs/export.md#qlora-merges); serve the merged model"
+        )
     else:
         rank = next((r for r in VLLM_LORA_RANKS if r >= spec.rank), spec.rank)
         adapter = checkpoint / checkpoints.ADAPTER
         base = str(cfg.checkpointer.checkpoint_dir)
         lora = ["--enable-lora", "--lora-modules", f"{adapter_name(cfg.output_dir)}={adapter}"]
         commands.append(shlex.join(["vllm", "serve", base, *lora, "--max-lora-rank", str(rank), *common]))
-        if is_qlora(cfg.model):
-            notes.append(
-                "QLoRA: vLLM applies the adapter to the full-precision base, not the NF4 one it was trained on "
-                "(docs/export.md#qlora-merges); the merged model is what was trained"
-            )
     merged = checkpoint / checkpoints.MERGED
     if (merged / "model.safetensors").is_file():
         commands.append(shlex.join(["vllm", "serve", str(merged), *common]))
