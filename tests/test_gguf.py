@@ -159,6 +159,35 @@ def test_quantized_files(exported):
     print(f"\nlogit difference vs f16, of the logit scale: q8_0 {diffs['q8_0']:.2e}, q4_k_m {diffs['q4_k_m']:.2e}")
 
 
+def test_lora_gguf_on_the_base_gguf_matches_the_merged_gguf(exported):
+    """--gguf-adapter: llama.cpp with the base f16 GGUF and the LoRA GGUF gives the merged f16 GGUF's next-token
+    logits, within 1e-2 of the logit scale (each side rounds to f16 differently: W + BA once, or W, B and A
+    apart; F16_BOUND, about 1.03e-2, bounds either), and its 32 greedy tokens, for 10 held-out prompts."""
+    out, folder = exported
+    args = ["--config", CHAT_CONFIG, f"output_dir={out}", "--gguf-adapter"]
+    assert export.main(args) == 0
+    lora_dir, base = out / "checkpoints" / "step_0000120" / "gguf-adapter", out / "base-gguf" / "model-f16.gguf"
+    exported_at = base.stat().st_mtime_ns
+    assert export.main(args) == 0 and base.stat().st_mtime_ns == exported_at  # the base GGUF is reused
+    modelfile = (lora_dir / "Modelfile").read_text().splitlines()
+    paths = {line.split(" ", 1)[0]: (lora_dir / line.split(" ", 1)[1]).resolve() for line in modelfile[:2]}
+    assert paths == {"FROM": base.resolve(), "ADAPTER": (lora_dir / "adapter-f16.gguf").resolve()}
+    assert all(p.is_file() for p in paths.values())
+
+    with_lora = llama_cpp.Llama(
+        model_path=str(base), lora_path=str(paths["ADAPTER"]), n_ctx=512, logits_all=True, verbose=False, seed=0
+    )
+    merged, plain = _load(folder / "model-f16.gguf"), _load(base)
+    worst, base_worst = 0.0, 0.0
+    for tokens in _prompts():
+        reference = _next_logits(merged, tokens)
+        worst = max(worst, _relative(_next_logits(with_lora, tokens), reference))
+        base_worst = max(base_worst, _relative(_next_logits(plain, tokens), reference))
+        assert _greedy(with_lora, tokens, N_NEW) == _greedy(merged, tokens, N_NEW)
+    assert worst <= 1e-2 and base_worst > 0.1, (worst, base_worst)
+    print(f"\nbase + LoRA GGUF vs merged GGUF: {worst:.2e} of the logit scale (the base alone: {base_worst:.2f})")
+
+
 def test_llama_cpp_chat_formatting_gives_the_trained_tokens(exported):
     """llama-cpp-python formats a conversation with the GGUF's embedded template, and tokenizes it with
     llama.cpp's tokenizer: the same ids as the recipe's prompt for that conversation."""

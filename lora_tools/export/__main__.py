@@ -5,6 +5,7 @@ and GGUF files for llama.cpp and Ollama.
     python -m lora_tools.export --config ... --checkpoint outputs/.../checkpoints/step_0000300
     python -m lora_tools.export --config ... --gguf --quant q8_0,q4_k_m     # + checkpoint/gguf/, from model/
     python -m lora_tools.export --config ... --gguf --base                  # the base model: output_dir/base-gguf/
+    python -m lora_tools.export --config ... --gguf-adapter   # checkpoint/gguf-adapter/: a LoRA GGUF + Modelfile
     python -m lora_tools.export --config ... --vllm      # the `vllm serve` lines for the checkpoint (docs/serving.md)
 
 Training writes the merged model only into the last checkpoint of a run, so that a step checkpoint (or a
@@ -13,6 +14,7 @@ any checkpoint: it reads the base weights named by the config and the checkpoint
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +67,7 @@ def training_template(cfg, base: bool) -> str:
     return gguf_export.pinned_template(chat_template.read_template(own.chat_template)[0], date)
 
 
-def write_modelfile(out_dir: Path, gguf_name: str, template: str) -> None:
+def write_modelfile(out_dir: Path, gguf_path: str, template: str, adapter: str | None = None) -> None:
     """The Modelfile, after checking that Ollama would render what the template renders."""
     variables = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
 
@@ -82,7 +84,7 @@ def write_modelfile(out_dir: Path, gguf_name: str, template: str) -> None:
         if gguf_export.ollama_render(ollama, probe) != render(probe).removeprefix("<|begin_of_text|>"):
             log.warning("the Modelfile's template does not render as the training template does; check it")
             break
-    (out_dir / "Modelfile").write_text(gguf_export.modelfile(gguf_name, ollama))
+    (out_dir / "Modelfile").write_text(gguf_export.modelfile(gguf_path, ollama, adapter))
 
 
 def export_gguf(cfg, checkpoint: Path | None, base: bool, quants: list[str]) -> list[Path]:
@@ -97,7 +99,7 @@ def export_gguf(cfg, checkpoint: Path | None, base: bool, quants: list[str]) -> 
     template = training_template(cfg, base)
     files = gguf_export.export(model_dir, out_dir, quants, name, template)
     smallest = min(files, key=lambda f: gguf_export.QUANT_TYPES[f.stem.removeprefix("model-")][1]).name
-    write_modelfile(out_dir, smallest, template)
+    write_modelfile(out_dir, f"./{smallest}", template)
     (out_dir / "README.md").write_text(
         f"# {name} (GGUF)\n\n"
         + "".join(f"- `{f.name}`\n" for f in files)
@@ -118,6 +120,35 @@ def print_vllm(loaded: loader.Loaded, checkpoint: Path | None) -> None:
         log.warning(note)
 
 
+def export_gguf_adapter(cfg, checkpoint: Path | None) -> list[Path]:
+    """The checkpoint's adapter as a llama.cpp LoRA GGUF in its gguf-adapter/ folder, with a Modelfile and a
+    README that apply it to the base model's f16 GGUF (output_dir/base-gguf/, exported the first time, then
+    reused by every checkpoint and run that shares output_dir)."""
+    checkpoint = checkpoints.resolve(cfg.output_dir, checkpoint)
+    base = Path(cfg.output_dir) / "base-gguf" / "model-f16.gguf"
+    if not base.is_file():
+        export_gguf(cfg, None, True, ["f16"])
+    out_dir = checkpoint / "gguf-adapter"
+    out_dir.mkdir(exist_ok=True)
+    final, partial = out_dir / "adapter-f16.gguf", out_dir / ".tmp-adapter-f16.gguf"
+    try:
+        config = hf_export.base_config(Path(cfg.checkpointer.checkpoint_dir))
+        gguf_export.write_lora(checkpoint / checkpoints.ADAPTER, config, partial, Path(cfg.output_dir).name)
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+    base_path = os.path.relpath(base, out_dir)
+    write_modelfile(out_dir, base_path, training_template(cfg, False), adapter=f"./{final.name}")
+    name = Path(cfg.output_dir).name.lower()
+    (out_dir / "README.md").write_text(
+        f"# {Path(cfg.output_dir).name} (LoRA GGUF)\n\n`{final.name}` applies to the base model's `{base_path}`.\n\n"
+        f"```bash\nollama create {name} -f Modelfile && ollama run {name}\n"
+        f"llama-cli -m {base_path} --lora {final.name} -cnv --jinja\n"
+        f"llama-server -m {base_path} --lora {final.name} --jinja\n```\n"
+    )
+    return [base, final]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the config the checkpoint was trained with")
@@ -128,6 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quant", default="f16", help="with --gguf: f16 and/or quantizations, e.g. f16,q8_0,q4_k_m")
     parser.add_argument("--base", action="store_true", help="with --gguf: export the base model instead")
     parser.add_argument("--vllm", action="store_true", help="print the `vllm serve` commands for the checkpoint")
+    parser.add_argument(
+        "--gguf-adapter", action="store_true", help="write the adapter as a llama.cpp LoRA GGUF, on the base's GGUF"
+    )
     args, overrides = parser.parse_known_args(argv)
     if not args.gguf and (args.base or args.quant != "f16"):
         return fail("--quant and --base go with --gguf; add --gguf")
@@ -139,9 +173,12 @@ def main(argv=None) -> int:
         if args.vllm:
             print_vllm(loaded, args.checkpoint)
             return 0
-        if args.gguf:
+        if args.gguf or args.gguf_adapter:
             try:
-                files = export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant))
+                if args.gguf_adapter:
+                    files = export_gguf_adapter(cfg, args.checkpoint)
+                else:
+                    files = export_gguf(cfg, args.checkpoint, args.base, gguf_export.parse_quants(args.quant))
             except OSError as e:  # disk full, permissions: the partial file is already removed
                 raise UserError(
                     f"GGUF export failed: {e.strerror or e} ({e.filename or 'output'}); nothing partial left"

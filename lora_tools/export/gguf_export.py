@@ -234,6 +234,40 @@ def write_f16(model_dir: Path, out: Path, name: str, template: str | None) -> No
     writer.close()
 
 
+def write_lora(adapter_dir: Path, config: dict, out: Path, name: str) -> None:
+    """A PEFT LoRA adapter (``adapter/``) as a llama.cpp LoRA GGUF at ``out`` (f16), for ``--lora`` and Ollama's
+    ADAPTER: each A and B matrix under its base weight's llama.cpp name plus ``.lora_a`` / ``.lora_b``, B's rows
+    of the q/k projections put in llama.cpp's rotary layout as the model export puts the weights', and LoRA's
+    alpha, from which llama.cpp scales the update by alpha / rank as PEFT does."""
+    import gguf
+
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if adapter_config.get("use_dora"):
+        raise UserError(f"{adapter_dir} is a DoRA adapter, which llama.cpp cannot apply; export the merged model")
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    tensors = []
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in sorted(f.keys()):  # base_model.model.<Hugging Face weight name minus .weight>.lora_A.weight
+            module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+            base_name = _gguf_name(f"{module}.weight", config, adapter_dir)
+            w = f.get_tensor(key).float()
+            kind = base_name.split(".")[2]
+            if part == "B.weight" and kind in heads:
+                w = _permute_for_rope(w, heads[kind])
+            tensors.append((f"{base_name}.lora_{part[0].lower()}", w.to(torch.float16).numpy()))
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_name(name)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter_config["lora_alpha"]))
+    for tensor_name, array in tensors:
+        writer.add_tensor(tensor_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def quantize(f16: Path, out: Path, quant: str) -> None:
     """llama.cpp's own quantizer, through llama-cpp-python."""
     try:
@@ -322,11 +356,11 @@ def ollama_render(template: str, messages: list[dict]) -> str:
     return out + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-def modelfile(gguf_name: str, template: str) -> str:
-    """An Ollama Modelfile: the GGUF, the training prompt format, the stop tokens."""
+def modelfile(gguf_path: str, template: str, adapter: str | None = None) -> str:
+    """An Ollama Modelfile: the GGUF (a path relative to the Modelfile), the LoRA GGUF applied to it if any, the
+    training prompt format, the stop tokens."""
     return (
-        f"FROM ./{gguf_name}\n"
-        f'TEMPLATE """{template}"""\n'
+        f"FROM {gguf_path}\n" + (f"ADAPTER {adapter}\n" if adapter else "") + f'TEMPLATE """{template}"""\n'
         'PARAMETER stop "<|eot_id|>"\n'
         'PARAMETER stop "<|eom_id|>"\n'
         'PARAMETER stop "<|end_of_text|>"\n'

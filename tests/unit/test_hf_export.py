@@ -1,9 +1,13 @@
 """Unit tier: torchtune weights -> PEFT adapter and merged Hugging Face weights, on one attention layer of the tiny
 shape (8 query heads, 2 key/value heads, width 256). No model is built and no file is read."""
 
+import json
+
 import pytest
 import torch
 
+from lora_tools.errors import UserError
+from lora_tools.export.gguf_export import write_lora
 from lora_tools.export.hf_export import AdapterSpec, merged_hf_weights, peft_adapter_config, peft_adapter_weights
 
 HF_CONFIG = {"hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32}
@@ -74,3 +78,11 @@ def test_merged_weights_keep_the_base_dtype(dtype):
     base, adapter = layer(dora=False)
     base = {k: v.to(dtype) for k, v in base.items()}
     assert {v.dtype for v in merged_hf_weights(base, adapter, spec(False), HF_CONFIG).values()} == {dtype}
+
+
+def test_a_dora_adapter_is_refused_as_a_lora_gguf(tmp_path):
+    """llama.cpp applies plain LoRA only: --gguf-adapter on a DoRA adapter is one line, and writes nothing."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"use_dora": True, "lora_alpha": 16, "r": 8}))
+    with pytest.raises(UserError, match="DoRA adapter, which llama.cpp cannot apply; export the merged model"):
+        write_lora(tmp_path, {"num_attention_heads": 8, "num_key_value_heads": 2}, tmp_path / "a.gguf", "x")
+    assert not (tmp_path / "a.gguf").exists()
