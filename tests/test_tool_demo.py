@@ -4,7 +4,7 @@ the tool's result; lora_tools.generate asks with the schemas and prints the call
 import io
 import json
 
-from conftest import REPO, TINY, latest_checkpoint, logged_metrics
+from conftest import REPO, TINY, assert_scores_as_documented, latest_checkpoint, logged_metrics
 from torchtune import config
 
 from lora_tools import generate
@@ -39,13 +39,8 @@ def test_the_tool_demo_learns_the_call_format(tools_demo):
     assert metrics[max(metrics)]["val_loss"] < 0.5 * metrics[0]["val_loss"]
     doc = (REPO / "docs/demo.md").read_text()
     shown = doc[doc.index("<!-- tool demo numbers") :].split("```")[1]
-    # the same rows, each score within 2 of the 30 answers (another CPU's kernels can flip a near-tie greedy token)
-    for task in ("tiny_tool_call ", "tiny_tool_call_name"):
-        printed = next(x for x in result.stdout.splitlines() if x.startswith(task)).split()
-        documented = next(x for x in shown.splitlines() if x.startswith(task)).split()
-        assert printed[:-6] == documented[:-6], (printed, documented)
-        for ours, theirs in zip(printed[-6:-3], documented[-6:-3], strict=True):
-            assert abs(float(ours) - float(theirs)) <= 2 / 30 + 1e-4, (printed, documented)
+    for task in ("tiny_tool_call", "tiny_tool_call_name"):
+        assert_scores_as_documented(result.stdout, shown, task, len(HELDOUT))
 
 
 def test_generate_with_tools_prints_the_call_and_answers_from_the_result(tools_demo, capsys, monkeypatch):
