@@ -24,19 +24,19 @@ def _scores(out) -> dict[str, dict]:
     return {r["metric"]: r for r in report["rows"] if r["task"].startswith("tiny_tool_call")}
 
 
-def test_the_tool_demo_learns_the_call_format(tools_demo):
-    """The held-out color questions: at most 10% of the base's answers are lookup_color calls, at least 80% of the
-    trained model's are. The exact calls (the asked thing as the argument) are scored and printed too, and
-    docs/demo.md shows this run's table; the tiny model does not reach 80% on them (the issue's target, not met)."""
+def test_the_tool_demo_learns_the_calls(tools_demo):
+    """The held-out color questions, asked in wordings training never pairs with their thing: at most 10% of the
+    base's answers are exact lookup_color calls, at least 80% of the trained model's are (the asked thing as the
+    argument). Every trained answer is a call; docs/demo.md shows this run's table."""
     out, result, seconds = tools_demo
     rows = _scores(out)
     exact, called = rows["exact_match"], rows["exact_match (called)"]
     print(f"\ntool demo: calls {called['base']:.2f} -> {called['finetuned']:.2f}, exact calls {exact['base']:.2f} -> "
           f"{exact['finetuned']:.2f}; the command took {seconds:.0f} s")  # fmt: skip
-    assert called["base"] <= 0.10 and called["finetuned"] >= 0.80, called
-    assert exact["base"] <= 0.10, exact
+    assert exact["base"] <= 0.10 and exact["finetuned"] >= 0.80, exact
+    assert called["base"] <= 0.10 and called["finetuned"] == 1.0, called
     metrics = logged_metrics(out)
-    assert metrics[max(metrics)]["val_loss"] < 0.5 * metrics[0]["val_loss"]
+    assert metrics[max(metrics)]["val_loss"] < 0.05 * metrics[0]["val_loss"]
     doc = (REPO / "docs/demo.md").read_text()
     shown = doc[doc.index("<!-- tool demo numbers") :].split("```")[1]
     for task in ("tiny_tool_call", "tiny_tool_call_name"):
@@ -58,6 +58,7 @@ def test_generate_with_tools_prints_the_call_and_answers_from_the_result(tools_d
     fmt = ChatFormat(config.instantiate(cfg.tokenizer), str(TINY))
     expected = fmt.prompt([{"role": "user", "content": question}], SCHEMAS)
     assert [int(t) for t in ids_line.split(":", 1)[1].split()] == expected
+    assert 180 <= len(expected) <= 200  # docs/demo.md: about 190 tokens before and around the question
     (call_line,) = [ln for ln in printed.splitlines() if ln.startswith("tool call (not run):")]
     printed_call = json.loads(call_line.split(":", 1)[1])["tool_calls"][0]
     streamed = printed.split(call_line)[0].strip().splitlines()[-1]  # the answer as generated, before the call line

@@ -23,10 +23,11 @@ no account and no GPU, yet exercise the same loading code as the real model:
   reversing a list) as chats, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line (OpenAI
   style): an optional system prompt, then one to three user/assistant exchanges.
 - ``data/tools_train.jsonl``, ``data/tools_heldout.jsonl`` and ``data/tools.json``: tool-calling conversations for
-  ``make demo-tools`` (OpenAI format): color questions answered by a ``lookup_color`` call, its result and a
-  sentence, among the chat tasks answered directly; the function's schema. The tokens of these conversations, as
-  Llama 3.2's template writes them, follow the others in the vocabulary, so every earlier token keeps its id and
-  its weights.
+  ``make demo-tools`` (OpenAI format): the color demo's questions, each answered by a ``lookup_color`` call, its
+  result and a sentence; the function's schema. The tokens of these conversations, as Llama 3.2's template writes
+  them, follow the others in the vocabulary, so every earlier token keeps its id and its weights.
+- ``tool_base/``: the base model of ``make demo-tools``, with the same tokenizer files: the same random draws at a
+  larger scale (``TOOL_BASE_GAIN``, ``TOOL_BASE_QK_GAIN``).
 
 Why the model is shaped as it is: LoRA cannot move embeddings or norms, so with a random 128k-token base
 it barely moves the loss. A small vocabulary (256 of its tokens special) is built from the demo's own words. The
@@ -34,6 +35,13 @@ weights are drawn with std 1.28 / sqrt(width) (0.08): attention then already mix
 learn to read the question. Measured on the demo task: with Hugging Face's std 0.02, and with 0.0625, LoRA
 learned one answer for every question; with 0.08 it answers all held-out questions. The price is a first loss
 about 13% above ln(vocab size), the loss of a uniform guess (17% before the tool demo added its tokens).
+
+Why the tool demo has a base of its own: Llama 3.2's template writes about 190 tokens (system block, instructions,
+the schema) before each question, and on this base LoRA did not learn to copy the asked thing from behind them into
+the call. Measured with 30 things and one exchange per conversation, 300 LoRA steps of 8: 22 of 30 held-out calls
+exact without the schema in the prompt, none with 170 tokens of plain system prompt instead, and at most 7 with the
+schema over a dozen variants (LoRA rank and modules, learning rate, q and k scale). Scaling the draws to std
+2.0 / sqrt(width), with 1.2 / sqrt(width) for q and k, gave 26 of 30 after 600 steps and 28 after 800.
 
 Run: ``python -m lora_tools.tiny_assets --out assets/tiny``.
 """
@@ -83,6 +91,8 @@ MODEL = dict(  # torchtune llama3_2 component-builder arguments; configs/tiny.ya
     scale_factor=32,
 )
 INIT_GAIN = 1.28  # weights drawn with std 1.28 / sqrt(width): 0.08 for the tiny model; see the module docstring
+# The tool demo's base (tool_base/): the same draws, scaled to std 2.0 / sqrt(width), q and k to 1.2 / sqrt(width)
+TOOL_BASE_GAIN, TOOL_BASE_QK_GAIN = 2.0, 1.2
 
 # --- the demo task -------------------------------------------------------------------------------------
 
@@ -319,14 +329,14 @@ TOOLS = [
         },
     }
 ]
-N_TOOL_TRAIN = 2000
+N_TOOL_TRAIN = 5600  # one epoch of configs/tiny_tools.yaml: 700 steps of 8
 TOOL_SEED = SEED + 4  # a stream of its own
-TOOL_ROUNDS = (2, 4)  # exchanges per training conversation: the schemas' tokens are paid once for several calls
-TOOL_CALL_SHARE = 0.75  # the share of exchanges that ask a color and call the tool
-# Training asks about the 30 things and these 70 more, so that the model learns to copy the thing it is asked about
-# into the call (with the 30 alone, measured: it learned each training question's answer, 3% of held-out calls
-# right after 375 steps). The others' colors are drawn once; the tool, not the model, knows them.
-MORE_THINGS = (
+# Each training conversation is one exchange about one of the 30 things, so every step's schema-carrying prompt pays
+# for a call. Measured with the tool base below: conversations of 2 to 4 exchanges, a quarter of them chat tasks, and
+# 70 more things to ask about, got 1 of 30 held-out calls exact after 600 steps; one exchange on the 30, 28.
+# The 70 words stay in the vocabulary, where the first version of this demo put them: dropping them would change the
+# vocabulary size, and with it the other demos' base model and measured figures.
+VOCABULARY_ONLY_THINGS = (
     "table chair lamp door window wall roof floor bottle cup plate bowl knife fork pencil paper book bag box hat "
     "shoe shirt coat sock glove ring key lock clock watch phone radio camera bicycle car truck boat train plane "
     "rocket balloon kite drum guitar piano flute bell candle rope flag tent bridge tower castle garden fence road "
@@ -355,29 +365,19 @@ def _tool_round(rng: random.Random, question: str, thing: str, color: str, numbe
 
 def build_tool_dataset(seed: int = TOOL_SEED) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows ``{"messages"}``; held-out rows also carry ``question`` and the expected ``call``
-    (evals/tiny_qa/tiny_tool_call.yaml). The held-out questions are the color demo's held-out wordings."""
+    (evals/tiny_qa/tiny_tool_call.yaml). Training asks the color demo's 150 training questions, held-out its 30
+    held-out wordings: every held-out thing is asked in training, never in the held-out wording."""
     train_questions, heldout = build_dataset()
     rng = random.Random(seed)
-    colors = {**{t: rng.choice(COLORS) for t in MORE_THINGS}, **THING_COLORS}
     questions = sorted({(e["instruction"], e["output"].split(" ")[1]) for e in train_questions})
-    questions += [(w.format(t), t) for t in MORE_THINGS for w in COLOR_QUESTIONS]
     train = []
     for n in range(N_TOOL_TRAIN):
-        messages = []
-        for r in range(rng.randint(*TOOL_ROUNDS)):  # the schemas are written once, in the first user message
-            if rng.random() < TOOL_CALL_SHARE:
-                question, thing = rng.choice(questions)
-                messages += _tool_round(rng, question, thing, colors[thing], TOOL_ROUNDS[1] * n + r)
-            else:
-                e = _example(rng)
-                while e["instruction"].startswith(("What color", "Tell me the color", "Which color")):
-                    e = _example(rng)
-                messages += [{"role": "user", "content": _user_text(e)}, {"role": "assistant", "content": e["output"]}]
-        train.append({"messages": messages})
+        question, thing = rng.choice(questions)
+        train.append({"messages": _tool_round(rng, question, thing, THING_COLORS[thing], n)})
     held = []
     for n, e in enumerate(heldout):
         thing = e["output"].split(" ")[1]
-        messages = _tool_round(rng, e["instruction"], thing, THING_COLORS[thing], TOOL_ROUNDS[1] * N_TOOL_TRAIN + n)
+        messages = _tool_round(rng, e["instruction"], thing, THING_COLORS[thing], N_TOOL_TRAIN + n)
         held.append({"messages": messages, "question": e["instruction"], "call": tool_call_text(thing)})
     return train, held
 
@@ -570,8 +570,11 @@ def build_model_state(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     added_rows: tuple[int, int] = (0, 0),
+    gain: float = INIT_GAIN,
+    qk_gain: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Random Llama-3.2-shaped weights in torchtune's key format: normal(0, INIT_GAIN / sqrt(width)), norms at 1.
+    """Random Llama-3.2-shaped weights in torchtune's key format: normal(0, gain / sqrt(width)), norms at 1;
+    the attention's q and k projections at ``qk_gain`` / sqrt(width) where given.
 
     ``added_rows`` (at, count): embedding rows for tokens added to the vocabulary at id ``at``, drawn after the
     rest from a stream of their own, so every other weight is what the vocabulary without them gave (the demos'
@@ -583,13 +586,14 @@ def build_model_state(
     torch.manual_seed(seed)
     with set_default_dtype(dtype), torch.device(device):
         model = llama3_2(vocab_size=vocab_size - count, tie_word_embeddings=True, **shape)
-    std = INIT_GAIN * shape["embed_dim"] ** -0.5
+    std = gain * shape["embed_dim"] ** -0.5
+    qk_std = (qk_gain or gain) * shape["embed_dim"] ** -0.5
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 1:  # RMSNorm scales
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, std)
+                p.normal_(0.0, qk_std if name.endswith(("q_proj.weight", "k_proj.weight")) else std)
     state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
     if count:
         rows = torch.randn(count, shape["embed_dim"], generator=torch.Generator().manual_seed(seed + 5)) * std
@@ -639,11 +643,15 @@ def write_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     added_rows: tuple[int, int] = (0, 0),
+    gain: float = INIT_GAIN,
+    qk_gain: float | None = None,
 ) -> None:
     """A random model of ``shape`` as Hugging Face files: model.safetensors, config.json, generation_config.json."""
     from torchtune.models.convert_weights import tune_to_hf
 
-    state = build_model_state(vocab_size, shape, device=device, dtype=dtype, added_rows=added_rows)
+    state = build_model_state(
+        vocab_size, shape, device=device, dtype=dtype, added_rows=added_rows, gain=gain, qk_gain=qk_gain
+    )
     head_dim = shape["embed_dim"] // shape["num_heads"]
     hf_state = tune_to_hf(state, shape["num_heads"], shape["num_kv_heads"], shape["embed_dim"], head_dim)
     out.mkdir(parents=True, exist_ok=True)
@@ -662,7 +670,11 @@ def build(out: Path) -> dict:
     texts += [m["content"] for c in chat_train + chat_heldout for m in c["messages"]]
     ranks = build_bpe_ranks(texts)
     tool_train, tool_heldout = build_tool_dataset()
-    tool_ranks = build_bpe_ranks(_tool_texts(tool_train + tool_heldout), ranks)  # after the others: they keep ids
+    tool_texts = _tool_texts(tool_train + tool_heldout) + [
+        "\n".join(VOCABULARY_ONLY_THINGS),
+        " " + " ".join(VOCABULARY_ONLY_THINGS),
+    ]
+    tool_ranks = build_bpe_ranks(tool_texts, ranks)  # after the others: they keep ids
     added_rows = (len(ranks), len(tool_ranks) - len(ranks))
     ranks = tool_ranks
     specials = special_tokens(len(ranks))
@@ -679,6 +691,9 @@ def build(out: Path) -> dict:
     write_model(out, vocab_size, specials, added_rows=added_rows)
 
     write_hf_tokenizer(out, ranks, specials)
+    tool_base = out / "tool_base"
+    write_model(tool_base, vocab_size, specials, added_rows=added_rows, gain=TOOL_BASE_GAIN, qk_gain=TOOL_BASE_QK_GAIN)
+    write_hf_tokenizer(tool_base, ranks, specials)
 
     (out / "data" / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (out / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1) + "\n")

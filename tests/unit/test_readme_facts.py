@@ -167,3 +167,21 @@ def test_the_several_gpu_table_matches_the_configs():
                 assert str(cfg[key]) == stated, (key, cfg[key], stated)
             else:
                 assert key not in cfg, key
+
+
+def test_the_tool_demo_as_configured_and_built():
+    """docs/demo.md's account of make demo-tools: its steps and batch (configs/tiny_tools.yaml), its data's counts
+    (the files), and the tool base's scale (lora_tools.demo.assets, which writes it)."""
+    from lora_tools.demo.assets import TOOL_BASE_GAIN, TOOL_BASE_QK_GAIN
+
+    cfg = OmegaConf.load(REPO / "configs" / "tiny_tools.yaml")
+    assert cfg.checkpointer.checkpoint_dir == "assets/tiny/tool_base"
+    _all_say(r"(\d+) steps of (\d+) generated tool conversations", (str(cfg.max_steps_per_epoch), str(cfg.batch_size)))
+    train, held = (
+        len((TINY / "data" / f).read_text().splitlines()) for f in ("tools_train.jsonl", "tools_heldout.jsonl")
+    )
+    assert cfg.epochs * train == cfg.max_steps_per_epoch * cfg.batch_size  # one epoch, every conversation once
+    _all_say(r"([\d,]+) for training and (\d+) held out", (f"{train:,}", str(held)))
+    _all_say(
+        r"scaled to (\d\.\d) / sqrt\(width\), and to (\d\.\d) / sqrt", (f"{TOOL_BASE_GAIN}", f"{TOOL_BASE_QK_GAIN}")
+    )
